@@ -1,0 +1,97 @@
+"""The update's objective: compose ratio level, surrogate, KL and entropy terms, and aggregation.
+
+    ℓ_t = surrogate(w_t, A) + β · KL_t − c_H · H_t
+    L   = aggregate(ℓ, mask, step counts)
+
+Pure: tensors in, a scalar loss and detached metric sums out. Called once per micro-batch; the
+micro-batch losses of one optimizer step add up to the step's loss (see `losses.StepCounts`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from groupwise.algorithms.losses import AGGREGATIONS, POLICY_LOSSES, RATIO_LEVELS, StepCounts
+from groupwise.algorithms.regularizers import KL_ESTIMATORS
+
+
+@dataclass
+class ObjectiveParts:
+    """The selected parts and their numbers, resolved once from the config."""
+
+    ratio_level: Callable[..., torch.Tensor]
+    surrogate: Callable[..., Any]
+    aggregation: Callable[..., torch.Tensor]
+    surrogate_options: dict[str, Any] = field(default_factory=dict)
+    kl_coef: float = 0.0
+    kl_estimator: Callable[..., torch.Tensor] | None = None
+    entropy_coef: float = 0.0
+
+    @classmethod
+    def from_config(cls, alg: Any) -> "ObjectiveParts":
+        return cls(
+            ratio_level=RATIO_LEVELS.get(alg.ratio_level),
+            surrogate=POLICY_LOSSES.get(alg.loss),
+            aggregation=AGGREGATIONS.get(alg.aggregation),
+            surrogate_options={"eps_low": alg.eps_low, "eps_high": alg.resolved_eps_high},
+            kl_coef=alg.kl.coef,
+            kl_estimator=KL_ESTIMATORS.get(alg.kl.estimator) if alg.kl.coef > 0 else None,
+            entropy_coef=alg.entropy_coef,
+        )
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor                 # scalar, differentiable
+    sums: dict[str, float]             # detached metric sums over this micro-batch's tokens
+
+
+def policy_objective(
+    parts: ObjectiveParts,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    counts: StepCounts,
+    ref_logp: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> ObjectiveOutput:
+    """One micro-batch's share of the optimizer step's loss.
+
+    `advantages` is `[N]` (broadcast over tokens) or `[N, T]`; `mask` is the float completion mask
+    (0 for padding and for tokens excluded by filters); `entropy` is the per-token entropy, needed
+    only when `parts.entropy_coef > 0` (otherwise it is only reported).
+    """
+    adv = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == 1 else advantages
+    adv = adv.to(logp.dtype)
+    log_ratio = parts.ratio_level(logp, old_logp, mask)
+    out = parts.surrogate(log_ratio, adv, logp, **parts.surrogate_options)
+    per_token = out.loss
+    kl = None
+    if parts.kl_estimator is not None:
+        if ref_logp is None:
+            raise ValueError("policy_objective: a KL coefficient is set but no reference log-probs were given")
+        kl = parts.kl_estimator(logp, ref_logp)
+        per_token = per_token + parts.kl_coef * kl
+    if parts.entropy_coef > 0:
+        if entropy is None:
+            raise ValueError("policy_objective: entropy_coef > 0 needs the per-token entropy")
+        per_token = per_token - parts.entropy_coef * entropy
+    loss = parts.aggregation(per_token, mask, counts)
+
+    with torch.no_grad():
+        m = mask.to(logp.dtype)
+        sums = {
+            "tokens": float(m.sum()),
+            "policy_loss": float(parts.aggregation(out.loss.detach(), mask, counts)),
+            "clip_low": float((out.clipped_low.to(m.dtype) * m).sum()),
+            "clip_high": float((out.clipped_high.to(m.dtype) * m).sum()),
+            "log_ratio_abs": float((log_ratio.detach().abs() * m).sum()),
+        }
+        if kl is not None:
+            sums["kl"] = float((kl.detach() * m).sum())
+        if entropy is not None:
+            sums["entropy"] = float((entropy.detach() * m).sum())
+    return ObjectiveOutput(loss=loss, sums=sums)

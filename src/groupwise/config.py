@@ -1,0 +1,323 @@
+"""One typed schema for a whole run: YAML in, dotted `--set` overrides, validated before any model loads.
+
+Every error is one sentence that names the key and what is allowed (`ConfigError`); the CLI exits 2.
+Words follow TRL / verl where they exist (num_generations, eps_low/eps_high, num_iterations, …).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class LoraConfig(_Section):
+    """LoRA adapters through peft; only the adapter is trained and saved."""
+
+    enabled: bool = False
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator (lora_alpha)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ModelConfig(_Section):
+    path: str = Field("builtin", description="'builtin' (the tiny arithmetic model shipped in the package) or a local Hugging Face model directory")
+    tokenizer_path: str | None = Field(None, description="tokenizer directory; default: the model directory")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] | None = None
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = LoraConfig()
+
+
+class DataConfig(_Section):
+    train: str = Field("builtin:arithmetic", description="'builtin:arithmetic' or a path: .jsonl, .json, .parquet, or a datasets.save_to_disk directory")
+    eval: str | None = Field(None, description="held-out prompts; default: the built-in held-out split when train is built in")
+    format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = "auto"
+    split: str | None = None
+    eval_split: str | None = None
+    prompt_column: str = "prompt"
+    column_map: dict[str, str] = Field(default_factory=dict, description="dataset column → our column, e.g. {question: prompt, solution: answer}")
+    chat_template: Literal["auto"] | bool = "auto"
+    system_prompt: str | None = None
+    max_prompt_length: int | None = Field(None, ge=1, description="prompts longer than this (in tokens) are left-truncated, as TRL does")
+    shuffle: bool = True
+    train_size: int = Field(20000, ge=1, description="built-in task only: number of generated training problems")
+    eval_size: int | None = Field(200, ge=1, description="at most this many held-out prompts are used")
+
+
+class RolloutConfig(_Section):
+    backend: Literal["hf"] = "hf"
+    num_generations: int = Field(8, ge=1, description="G: completions per prompt")
+    prompts_per_step: int = Field(16, ge=1, description="prompts per generation round")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    generation_batch_size: int | None = Field(None, ge=1, description="most completions decoded at once (a multiple of num_generations); default: all")
+
+
+class RewardFunctionConfig(_Section):
+    name: str = Field(description="a built-in reward name, 'module:function', or 'file.py:function'")
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+def _default_rewards() -> list[RewardFunctionConfig]:
+    return [RewardFunctionConfig(name="exact_answer", kwargs={"extract": "full"})]
+
+
+class RewardsConfig(_Section):
+    functions: list[RewardFunctionConfig] = Field(default_factory=_default_rewards, min_length=1)
+    on_error: Literal["raise", "zero"] = "raise"
+    accuracy_function: str | None = Field(None, description="the reward whose score decides 'correct'; default: the first function")
+    correct_threshold: float = Field(1.0, description="a completion is correct when the accuracy function's score ≥ this")
+
+
+class KLConfig(_Section):
+    coef: float = Field(0.0, ge=0.0, description="β; 0 = no reference model is loaded")
+    estimator: Literal["k1", "k2", "k3"] = "k3"
+
+
+class AlgorithmConfig(_Section):
+    advantage: str = Field("grpo", description="advantage estimator (see groupwise.algorithms.advantages)")
+    advantage_eps: float = Field(1e-4, gt=0.0, description="ε in (r − mean)/(std + ε)")
+    std_unbiased: bool = Field(True, description="Bessel-corrected group std, as TRL, verl and OpenRLHF")
+    ratio_level: str = Field("token", description="token, or sequence (GSPO)")
+    loss: str = Field("ppo_clip", description="policy surrogate (see groupwise.algorithms.losses)")
+    eps_low: float = Field(0.2, gt=0.0, lt=1.0)
+    eps_high: float | None = Field(None, gt=0.0, description="default: eps_low; DAPO clip-higher uses 0.28")
+    aggregation: str = Field("seq_mean_token_mean", description="seq_mean_token_mean, token_mean, seq_mean_token_sum, constant")
+    kl: KLConfig = KLConfig()
+    entropy_coef: float = Field(0.0, ge=0.0)
+    num_iterations: int = Field(1, ge=1, description="μ: passes over each generation round")
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per pass (verl ppo_mini_batch count)")
+    mask_truncated_completions: bool = False
+    shuffle_mini_batches: bool = True
+
+    @property
+    def resolved_eps_high(self) -> float:
+        return self.eps_low if self.eps_high is None else self.eps_high
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-6, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="null = no clipping")
+    micro_batch_size: int | None = Field(None, ge=1, description="completions per forward/backward (gradient accumulation); default: the whole mini-batch")
+
+
+class ScheduleConfig(_Section):
+    steps: int = Field(100, ge=1, description="training steps (generation rounds)")
+    warmup_steps: int = Field(0, ge=0, description="in training steps")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class LoggingConfig(_Section):
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    samples_every: int = Field(10, ge=0, description="write sample completions every N steps; 0 = never")
+    num_samples: int = Field(4, ge=1)
+    tensorboard: bool = False
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0, description="save every N steps; 0 = only at the end")
+    keep_last: int | None = Field(2, ge=1, description="null = keep all")
+    save_final: bool = True
+
+
+class EvalConfig(_Section):
+    before_and_after: bool = Field(True, description="held-out greedy accuracy before and after training")
+    every: int = Field(0, ge=0, description="also every N steps; 0 = never")
+    k: int = Field(8, ge=1, description="samples per prompt for pass@k / mean@k in `groupwise eval`")
+    temperature: float = Field(1.0, gt=0.0)
+    max_new_tokens: int | None = Field(None, ge=1, description="default: rollout.max_new_tokens")
+
+
+class Config(_Section):
+    seed: int = 0
+    run_dir: str | None = Field(None, description="default: runs/<date-time>")
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        _check_consistency(self)
+        return self
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.rollout.prompts_per_step * self.rollout.num_generations
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Cross-field rules; each raises ValueError naming the key (pydantic turns it into ConfigError)."""
+    from groupwise.algorithms import AGGREGATIONS, ADVANTAGES, POLICY_LOSSES, RATIO_LEVELS, needs_groups
+
+    alg, roll = cfg.algorithm, cfg.rollout
+    for key, registry, name in (
+        ("algorithm.advantage", ADVANTAGES, alg.advantage),
+        ("algorithm.loss", POLICY_LOSSES, alg.loss),
+        ("algorithm.ratio_level", RATIO_LEVELS, alg.ratio_level),
+        ("algorithm.aggregation", AGGREGATIONS, alg.aggregation),
+    ):
+        if name not in registry and ":" not in name:
+            raise ValueError(f"{key} '{name}' is unknown; known: {', '.join(registry.names())}")
+    if needs_groups(alg.advantage) and roll.num_generations < 2:
+        raise ValueError(
+            f"rollout.num_generations must be at least 2 for algorithm.advantage '{alg.advantage}' "
+            f"(a group of one has no baseline), got {roll.num_generations}"
+        )
+    if alg.eps_high is not None and alg.loss == "ppo_clip" and alg.eps_high < 0:
+        raise ValueError("algorithm.eps_high must be positive")
+    n = cfg.completions_per_step
+    if roll.generation_batch_size is not None and roll.generation_batch_size % roll.num_generations:
+        raise ValueError(
+            f"rollout.generation_batch_size ({roll.generation_batch_size}) must be a multiple of "
+            f"rollout.num_generations ({roll.num_generations}) so that groups stay whole"
+        )
+    if n % alg.mini_batches:
+        raise ValueError(
+            f"algorithm.mini_batches ({alg.mini_batches}) must divide the completions per step "
+            f"(rollout.prompts_per_step × rollout.num_generations = {n})"
+        )
+    mini = n // alg.mini_batches
+    mb = cfg.optimizer.micro_batch_size
+    if mb is not None and mini % mb:
+        raise ValueError(
+            f"optimizer.micro_batch_size ({mb}) must divide the completions per mini-batch ({mini} = "
+            f"{n} completions per step / algorithm.mini_batches {alg.mini_batches})"
+        )
+    if cfg.schedule.warmup_steps > cfg.schedule.steps:
+        raise ValueError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) exceeds schedule.steps ({cfg.schedule.steps})")
+    names = [f.name for f in cfg.rewards.functions]
+    if cfg.rewards.accuracy_function is not None and cfg.rewards.accuracy_function not in names:
+        raise ValueError(f"rewards.accuracy_function '{cfg.rewards.accuracy_function}' is not one of rewards.functions: {', '.join(names)}")
+    if cfg.data.train.startswith("builtin:") and cfg.data.train != "builtin:arithmetic":
+        raise ValueError(f"data.train '{cfg.data.train}' is not a built-in task; known: builtin:arithmetic")
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
+        raise ValueError(f"device '{dev}' is not one of auto, cpu, cuda, cuda:N")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides → Config, with one-sentence errors
+# ----------------------------------------------------------------------------------------------
+
+def _describe(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    """The first problem as one sentence naming the dotted key."""
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = _describe(loc)
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
+        return f"config key '{key}' is unknown{hint}"
+    if kind == "value_error":
+        return str(e["msg"]).removeprefix("Value error, ")
+    value = e.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    return f"config key '{key}': {e['msg'][0].lower() + e['msg'][1:]} (got {shown})"
+
+
+def set_dotted(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like key.subkey=value")
+    key, value_text = assignment.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{assignment}' has an empty key")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_raw(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def build_config(raw: dict[str, Any] | Config | None = None, overrides: list[str] | None = None) -> Config:
+    """Validate a raw mapping (plus `key=value` overrides) into a Config or raise ConfigError."""
+    if isinstance(raw, Config):
+        raw = raw.model_dump(mode="json")
+    data = dict(raw or {})
+    for assignment in overrides or []:
+        set_dotted(data, assignment)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or nothing: the built-in default), apply overrides, validate."""
+    return build_config(load_raw(path), overrides)
+
+
+def default_run_dir() -> str:
+    return str(Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))

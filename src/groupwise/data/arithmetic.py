@@ -1,0 +1,99 @@
+"""The built-in task: two-digit integer addition and subtraction.
+
+Each problem is a prompt such as ``"37+48="`` or ``"23-57="`` whose answer is the exact
+integer result (``"85"``, ``"-34"``). Operands are drawn uniformly from 0..99 and the
+operator from ``+`` and ``-``, so there are 20,000 distinct problems; answers range from
+-99 to 198. The completion a policy should produce is just the answer's digits (with a
+leading ``-`` when negative) followed by end-of-sequence.
+
+The family is small enough that a character-level model of under a million parameters
+learns it partially in a short supervised warm start (carries, borrows and the sign are
+what it gets wrong), which leaves room for reinforcement learning to climb.
+
+* `heldout_split` is a fixed evaluation set that does not depend on any user seed.
+* `train_split` draws training rows from a seed and never yields a held-out prompt.
+* `is_correct` is the exact-match reward: the completion must be one integer equal to the answer.
+
+Everything is deterministic: each split uses its own `random.Random`, never the global RNG.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from random import Random
+
+BUILTIN_MODEL_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "builtin"
+
+OPERAND_MAX = 99
+OPERATORS = ("+", "-")
+HELDOUT_SEED = 20250917  # fixed: the held-out set must not move with user seeds
+HELDOUT_MAX = 1000       # held-out sets are prefixes of one fixed list of this many problems
+
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def make_problem(a: int, op: str, b: int) -> dict:
+    """The row for `a op b`: ``{"prompt": "a op b=", "answer": str(result)}``."""
+    result = a + b if op == "+" else a - b
+    return {"prompt": f"{a}{op}{b}=", "answer": str(result)}
+
+
+def _random_problem(rng: Random) -> dict:
+    a = rng.randint(0, OPERAND_MAX)
+    op = rng.choice(OPERATORS)
+    b = rng.randint(0, OPERAND_MAX)
+    return make_problem(a, op, b)
+
+
+@lru_cache(maxsize=1)
+def _heldout_rows() -> tuple[tuple[str, str], ...]:
+    """The fixed list of distinct held-out problems, in a fixed order."""
+    rng = Random(HELDOUT_SEED)
+    rows: dict[str, str] = {}
+    while len(rows) < HELDOUT_MAX:
+        row = _random_problem(rng)
+        rows.setdefault(row["prompt"], row["answer"])
+    return tuple(rows.items())
+
+
+@lru_cache(maxsize=1)
+def _heldout_prompts() -> frozenset[str]:
+    return frozenset(prompt for prompt, _ in _heldout_rows())
+
+
+def heldout_split(n: int = 200) -> list[dict]:
+    """The first `n` (at most 1000) problems of the fixed held-out set; no duplicates."""
+    if not 0 <= n <= HELDOUT_MAX:
+        raise ValueError(f"held-out split has at most {HELDOUT_MAX} problems, got n={n}")
+    return [{"prompt": p, "answer": a} for p, a in _heldout_rows()[:n]]
+
+
+def train_split(seed: int, n: int) -> list[dict]:
+    """`n` training problems drawn from `seed` (repeats possible), none of them held out.
+
+    Every problem in the largest held-out set (1000 problems) is excluded, whatever `n`
+    the held-out split is later taken with.
+    """
+    rng = Random(seed)
+    excluded = _heldout_prompts()
+    rows: list[dict] = []
+    while len(rows) < n:
+        row = _random_problem(rng)
+        if row["prompt"] not in excluded:
+            rows.append(row)
+    return rows
+
+
+def parse_integer_answer(completion: str) -> int | None:
+    """The integer a completion states, or None: after stripping whitespace it must be `-?digits`."""
+    text = completion.strip()
+    if not _INTEGER.fullmatch(text):
+        return None
+    return int(text)
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    """Whether the completion is exactly the integer `answer` (surrounding whitespace allowed)."""
+    value = parse_integer_answer(completion)
+    return value is not None and value == int(answer)

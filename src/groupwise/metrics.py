@@ -1,0 +1,115 @@
+"""Where a run's numbers go: `metrics.jsonl` (always), `samples.jsonl`, TensorBoard, a progress bar.
+
+(The architecture sketch calls this `logging.py`; it is `metrics.py` so it never shadows the
+standard library's `logging` module.)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null says "not measured"
+    return value
+
+
+def truncate_jsonl_after_step(path: Path, step: int) -> None:
+    """Drop lines of steps > `step` (written after the checkpoint we resume from), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class JsonlWriter:
+    def __init__(self, path: Path):
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class MetricsLogger:
+    """One JSON line per step in metrics.jsonl; TensorBoard scalars when asked."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False):
+        self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
+        self.samples = JsonlWriter(run_dir / "samples.jsonl")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError("logging.tensorboard is on but the 'tensorboard' package is not installed (pip install 'groupwise[tensorboard]')") from e
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.metrics.write({"step": step, **metrics})
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        for s in samples:
+            self.samples.write({"step": step, **s})
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.samples.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """A live bar with reward and accuracy (rich in a terminal, plain lines otherwise)."""
+
+    def __init__(self, mode: str, total: int, start: int = 0):
+        if mode == "auto":
+            mode = "rich" if sys.stdout.isatty() else "plain"
+        self.mode, self.total, self.start = mode, total, start
+        self._t0 = time.perf_counter()
+        self._bar = None
+        if mode == "rich":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("reward {task.fields[reward]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[extra]}"),
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("train", total=total, completed=start, reward=float("nan"), acc=float("nan"), extra="")
+
+    def update(self, step: int, reward: float, accuracy: float, extra: str = "") -> None:
+        if self.mode == "rich":
+            self._bar.update(self._task, completed=step, reward=reward, acc=accuracy, extra=extra)
+        elif self.mode == "plain":
+            every = max(1, self.total // 20)
+            if step % every == 0 or step == self.total:
+                elapsed = time.perf_counter() - self._t0
+                print(f"step {step}/{self.total}  reward {reward:.3f}  acc {accuracy:.1%}  {extra}  [{elapsed:.0f}s]", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,14 @@
+"""Reward functions: the TRL contract, validation of their outputs, and the built-ins.
+
+Built-ins (see `builtin.py`): exact_answer, math_verify, format, soft_overlong.
+"""
+from groupwise.rewards.contract import (
+    REWARDS,
+    RewardError,
+    RewardRunner,
+    load_reward_function,
+    register_reward,
+)
+from groupwise.rewards import builtin  # noqa: F401  (registers the built-ins)
+
+__all__ = ["REWARDS", "RewardError", "RewardRunner", "load_reward_function", "register_reward"]

@@ -1,0 +1,327 @@
+"""The training loop. It orchestrates; the math lives in `groupwise.algorithms`.
+
+One step (one generation round):
+  1. the sampler picks prompts            4. advantages, then filters
+  2. the rollout engine generates groups  5. old / reference log-probs, then μ × mini-batch updates
+  3. the reward functions score them      6. metrics, checkpoint
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from groupwise import checkpoint as ckpt
+from groupwise.algorithms import ObjectiveParts, StepCounts, compute_advantages, policy_objective
+from groupwise.algorithms.filters import mask_truncated_completions, zero_variance_groups
+from groupwise.config import Config, build_config, default_run_dir, load_config
+from groupwise.data import UniformSampler, render_prompt
+from groupwise.data.sources import load_eval_prompts, load_train_prompts
+from groupwise.evaluation import accuracy_index, correct_mask, evaluate, score_rollout
+from groupwise.metrics import MetricsLogger, Progress, truncate_jsonl_after_step
+from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, trainable_parameters
+from groupwise.model.logprobs import completion_logprobs
+from groupwise.optim import build_optimizer, build_scheduler
+from groupwise.rewards import RewardRunner
+from groupwise.rollout import HFRolloutEngine, SamplingParams
+from groupwise.types import RolloutBatch, TrainBatch
+
+
+class RunDirError(ValueError):
+    """A run directory that would be overwritten, or cannot be resumed."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    eval_before: dict[str, float]
+    eval_after: dict[str, float]
+    last_metrics: dict[str, float]
+
+
+def _step_seed(seed: int, step: int, salt: int) -> int:
+    # Independent, reproducible streams per (step, purpose): resuming at step s replays exactly.
+    return (seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(self, config: Config | dict | str | Path | None = None, *, resume: bool = False):
+        cfg = config if isinstance(config, Config) else (build_config(config) if isinstance(config, dict) or config is None else load_config(config))
+        self.config = cfg
+        self.run_dir = Path(cfg.run_dir or default_run_dir())
+        latest = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        if resume and latest is None:
+            raise RunDirError(f"cannot resume: run directory '{self.run_dir}' holds no complete checkpoint")
+        if not resume and (self.run_dir / "metrics.jsonl").exists():
+            raise RunDirError(f"run_dir '{self.run_dir}' already holds a run; resume it with --resume {self.run_dir} or choose another run_dir")
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+
+        # Everything that can fail on bad input is checked before the model is loaded.
+        self.train_prompts = load_train_prompts(cfg.data, cfg.seed)
+        self.eval_prompts = load_eval_prompts(cfg.data)
+        self.rewards = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error)
+        self.accuracy_index = accuracy_index(cfg.rewards, self.rewards.names)
+
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = load_policy(cfg.model, self.device)
+        self.model.train()
+        self.ref_model = None
+        if cfg.algorithm.kl.coef > 0 and not cfg.model.lora.enabled:
+            self.ref_model = load_reference(cfg.model, self.device)
+        self.engine = HFRolloutEngine(
+            self.model, self.tokenizer, generation_batch_size=cfg.rollout.generation_batch_size, max_prompt_length=cfg.data.max_prompt_length
+        )
+        self.optimizer_steps_per_step = cfg.algorithm.num_iterations * cfg.algorithm.mini_batches
+        self.optimizer = build_optimizer(trainable_parameters(self.model), cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.optimizer_steps_per_step)
+        self.sampler = UniformSampler(len(self.train_prompts), cfg.seed, shuffle=cfg.data.shuffle)
+        self.parts = ObjectiveParts.from_config(cfg.algorithm)
+        self.sampling = SamplingParams(
+            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k
+        )
+        self.step = 0
+        self.eval_before: dict[str, float] = {}
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if latest is not None:
+            state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.step = int(state["step"])
+            self.sampler.load_state_dict(state["sampler"])
+            self.eval_before = state.get("eval_before", {})
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                truncate_jsonl_after_step(self.run_dir / name, self.step)
+        _atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard)
+
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.config
+        if self.step == 0 and cfg.eval.before_and_after and self.eval_prompts:
+            self.eval_before = self.evaluate()
+            print(f"held-out greedy accuracy before training: {self.eval_before['greedy_accuracy']:.1%} ({len(self.eval_prompts)} prompts)", flush=True)
+        progress = Progress(cfg.logging.progress, cfg.schedule.steps, start=self.step)
+        metrics: dict[str, float] = {}
+        kill_at = int(os.environ.get("GROUPWISE_FAULT_KILL_AT_STEP", "0"))  # fault injection for the resume test
+        try:
+            while self.step < cfg.schedule.steps:
+                if kill_at and self.step + 1 == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                metrics = self.train_step()
+                self.step += 1
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.eval_prompts:
+                    metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                self.logger.log(self.step, metrics)
+                progress.update(self.step, metrics["reward/mean"], metrics["accuracy"], f"len {metrics['completion_length/mean']:.1f}")
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+        if cfg.checkpoint.save_final and not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+            self.save_checkpoint()
+        eval_after = self.evaluate() if cfg.eval.before_and_after and self.eval_prompts else {}
+        self.logger.close()
+        return TrainResult(self.run_dir, self.step, self.eval_before, eval_after, metrics)
+
+    def evaluate(self, k: int = 0) -> dict[str, float]:
+        return evaluate(self.engine, self.tokenizer, self.eval_prompts, self.rewards, self.config, k=k, seed=self.config.seed)
+
+    def save_checkpoint(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
+            trainer_state={"sampler": self.sampler.state_dict(), "eval_before": self.eval_before},
+            keep_last=self.config.checkpoint.keep_last,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg, alg = self.config, self.config.algorithm
+        t0 = time.perf_counter()
+
+        # 1–2. prompts → groups of completions
+        indices = self.sampler.next_indices(cfg.rollout.prompts_per_step)
+        prompts = [self.train_prompts[i] for i in indices]
+        texts = [render_prompt(p, self.tokenizer, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt) for p in prompts]
+        rollout = self.engine.generate(prompts, texts, cfg.rollout.num_generations, self.sampling, seed=_step_seed(cfg.seed, self.step, 1))
+        t1 = time.perf_counter()
+
+        # 3. scores
+        scores = score_rollout(self.rewards, rollout, trainer_state={"step": self.step})
+        rewards = scores.total().to(self.device)
+        t2 = time.perf_counter()
+
+        # 4. advantages and filters
+        advantages = compute_advantages(alg.advantage, rewards, rollout.group_id, eps=alg.advantage_eps, std_unbiased=alg.std_unbiased)
+        batch = self._train_batch(rollout, advantages)
+
+        # 5. old / reference log-probs, then the update
+        self._behaviour_and_reference_logprobs(batch)
+        t3 = time.perf_counter()
+        update = self._update(batch)
+        t4 = time.perf_counter()
+
+        self.sampler.update(indices, rewards.view(len(prompts), -1).tolist())
+        if cfg.logging.samples_every and (self.step + 1) % cfg.logging.samples_every == 0:
+            self.logger.log_samples(self.step + 1, _samples(rollout, scores, cfg.logging.num_samples))
+        times = {"generation": t1 - t0, "scoring": t2 - t1, "old_logprobs": t3 - t2, "update": t4 - t3, "step": t4 - t0}
+        return self._metrics(rollout, scores, rewards, advantages, update, times)
+
+    def _train_batch(self, rollout: RolloutBatch, advantages: torch.Tensor) -> TrainBatch:
+        mask = rollout.completion_mask.float()
+        if self.config.algorithm.mask_truncated_completions:
+            mask = mask_truncated_completions(mask, rollout.finished)
+        return TrainBatch(
+            input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], 1),
+            attention_mask=torch.cat([rollout.prompt_mask, rollout.completion_mask], 1),
+            completion_mask=mask,
+            advantages=advantages,
+            old_logprobs=None,
+            ref_logprobs=None,
+            max_completion_length=self.config.rollout.max_new_tokens,
+        )
+
+    @torch.no_grad()
+    def _behaviour_and_reference_logprobs(self, batch: TrainBatch) -> None:
+        """π_old is needed only when the policy moves before the last use of the batch (μ > 1 or
+        several mini-batches); otherwise the detached current log-probs serve (ratio ≡ 1), as in TRL."""
+        needs_old = self.optimizer_steps_per_step > 1
+        if not needs_old and self.ref_model is None and not (self.config.algorithm.kl.coef > 0):
+            return
+        micro = self.config.optimizer.micro_batch_size or batch.num_rows
+        temp = self.config.rollout.temperature
+        old, ref = [], []
+        for rows in torch.arange(batch.num_rows, device=batch.input_ids.device).split(micro):
+            mb = batch.select(rows)
+            args = (mb.input_ids, mb.attention_mask, mb.completion_mask)
+            if needs_old:
+                old.append(completion_logprobs(self.model, *args, temperature=temp)[0])
+            if self.ref_model is not None:
+                ref.append(completion_logprobs(self.ref_model, *args, temperature=temp)[0])
+            elif self.config.algorithm.kl.coef > 0:  # LoRA: the reference is the base model, adapter off
+                with self.model.disable_adapter():
+                    ref.append(completion_logprobs(self.model, *args, temperature=temp)[0])
+        batch.old_logprobs = torch.cat(old) if old else None
+        batch.ref_logprobs = torch.cat(ref) if ref else None
+
+    def _update(self, batch: TrainBatch) -> dict[str, float]:
+        """μ passes × mini-batches optimizer steps, each accumulating micro-batch gradients."""
+        cfg, alg = self.config, self.config.algorithm
+        n = batch.num_rows
+        mini = n // alg.mini_batches
+        micro = cfg.optimizer.micro_batch_size or mini
+        params = trainable_parameters(self.model)
+        shuffle = torch.Generator().manual_seed(_step_seed(cfg.seed, self.step, 2))
+        sums: dict[str, float] = defaultdict(float)
+        grad_norms, losses = [], []
+        for _ in range(alg.num_iterations):
+            order = torch.randperm(n, generator=shuffle) if (alg.shuffle_mini_batches and alg.mini_batches > 1) else torch.arange(n)
+            for mini_rows in order.to(self.device).split(mini):
+                mini_batch = batch.select(mini_rows)
+                counts = StepCounts.of(mini_batch.completion_mask, batch.max_completion_length)
+                self.optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for rows in torch.arange(mini_batch.num_rows, device=self.device).split(micro):
+                    mb = mini_batch.select(rows)
+                    logp, entropy = completion_logprobs(
+                        self.model, mb.input_ids, mb.attention_mask, mb.completion_mask,
+                        temperature=cfg.rollout.temperature, with_entropy=True, entropy_grad=alg.entropy_coef > 0,
+                    )
+                    old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
+                    out = policy_objective(self.parts, logp, old, mb.advantages, mb.completion_mask, counts, ref_logp=mb.ref_logprobs, entropy=entropy)
+                    out.loss.backward()
+                    step_loss += float(out.loss.detach())
+                    for k, v in out.sums.items():
+                        sums[k] += v
+                max_norm = cfg.optimizer.max_grad_norm or float("inf")
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+                self.optimizer.step()
+                self.scheduler.step()
+                losses.append(step_loss)
+        tokens = max(sums["tokens"], 1.0)
+        out = {
+            "loss": float(np.mean(losses)),
+            "policy_loss": sums["policy_loss"] / len(losses),
+            "grad_norm": float(np.mean(grad_norms)),
+            "clip_ratio/low": sums["clip_low"] / tokens,
+            "clip_ratio/high": sums["clip_high"] / tokens,
+            "clip_ratio/region": (sums["clip_low"] + sums["clip_high"]) / tokens,
+            "entropy": sums["entropy"] / tokens,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "optimizer_steps": float(len(losses)),
+        }
+        if "kl" in sums:
+            out["kl"] = sums["kl"] / tokens
+        return out
+
+    def _metrics(self, rollout: RolloutBatch, scores, rewards, advantages, update, times) -> dict[str, float]:
+        lengths = rollout.completion_lengths.float()
+        correct = correct_mask(scores, self.accuracy_index, self.config.rewards.correct_threshold)
+        tokens = float(lengths.sum())
+        m: dict[str, float] = {
+            "reward/mean": float(torch.nanmean(rewards)),
+            "reward/std": float(_nanstd(rewards)),
+            "accuracy": float(correct.float().mean()),
+            "frac_reward_zero_std": float(zero_variance_groups(rewards, rollout.group_id).float().mean()),
+            "advantage/mean": float(advantages.mean()),
+            "advantage/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
+            "completion_length/mean": float(lengths.mean()),
+            "completion_length/min": float(lengths.min()),
+            "completion_length/max": float(lengths.max()),
+            "truncation_rate": float(rollout.truncated.float().mean()),
+            "tokens_generated": tokens,
+            "reward_errors": float(scores.num_errors),
+        }
+        for k, name in enumerate(scores.names):
+            m[f"rewards/{name}/mean"] = float(torch.nanmean(scores.values[:, k]))
+            m[f"rewards/{name}/std"] = float(_nanstd(scores.values[:, k]))
+        m.update(update)
+        m.update({f"time/{k}": v for k, v in times.items()})
+        m["tokens_per_second"] = tokens / max(times["generation"], 1e-9)
+        return m
+
+
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    x = x[~torch.isnan(x)]
+    return x.std() if x.numel() > 1 else torch.tensor(0.0)
+
+
+def _samples(rollout: RolloutBatch, scores, n: int) -> list[dict[str, Any]]:
+    out = []
+    for row in range(min(n, rollout.num_completions)):
+        prompt = rollout.prompt_of_row(row)
+        out.append({
+            "prompt": prompt.as_reward_input,
+            "completion": rollout.completions_text[row],
+            "rewards": {name: _none_if_nan(float(scores.values[row, k])) for k, name in enumerate(scores.names)},
+            "finished": bool(rollout.finished[row]),
+        })
+    return out
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x != x else x
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def train(config: Config | dict | str | Path | None = None, *, resume: bool = False) -> TrainResult:
+    """Train a policy: the Python twin of `groupwise train`."""
+    return Trainer(config, resume=resume).train()
