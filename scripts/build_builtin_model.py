@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
@@ -127,7 +126,11 @@ def generate(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Batched decoding with a KV cache; returns [B, MAX_NEW_TOKENS] ids, PAD after EOS. 0 = greedy."""
+    """Batched decoding with a KV cache (temperature 0 = greedy).
+
+    Returns [B, T] new ids with T <= MAX_NEW_TOKENS (it stops once every row has emitted EOS),
+    PAD after each row's EOS.
+    """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     past, logits = out.past_key_values, out.logits[:, -1]
@@ -187,13 +190,19 @@ def report(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, rows: li
 
 
 # --------------------------------------------------------------------------- training
-def warm_start(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace) -> int:
-    """Supervised training until dev greedy accuracy first lands in [target_low, target_high]; returns steps."""
+def warm_start(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace
+) -> tuple[int, float]:
+    """Supervised training until dev greedy accuracy first lands in [target_low, target_high].
+
+    Returns the number of steps taken and the dev accuracy at the stop.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = 50
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     dev = train_split(DEV_SEED, args.dev_size)
     rows = train_split(args.seed, args.max_steps * args.batch_size)
+    acc = 0.0
     for step in range(1, args.max_steps + 1):
         model.train()
         batch = rows[(step - 1) * args.batch_size : step * args.batch_size]
@@ -212,9 +221,9 @@ def warm_start(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, args
                 line += f"  heldout {report(model, tokenizer, heldout_split())}"
             print(line, flush=True)
             if args.target_low <= acc <= args.target_high and not args.explore:
-                return step
+                return step, acc
     if args.explore:
-        return args.max_steps
+        return args.max_steps, acc
     raise SystemExit(f"dev accuracy never reached [{args.target_low}, {args.target_high}] in {args.max_steps} steps")
 
 
@@ -246,7 +255,7 @@ def main() -> None:
     print(f"parameters: {n_params:,}")
 
     start = time.perf_counter()
-    steps = warm_start(model, tokenizer, args)
+    steps, dev_accuracy = warm_start(model, tokenizer, args)
     wall = time.perf_counter() - start
     metrics = report(model, tokenizer, heldout_split())
     print(f"SFT steps: {steps}  wall time: {wall:.1f}s")
@@ -274,11 +283,12 @@ def main() -> None:
             "warmup_steps": 50, "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01)",
             "stop_rule": f"first dev greedy accuracy in [{args.target_low}, {args.target_high}], "
                          f"checked every {args.eval_every} steps on {args.dev_size} dev problems",
+            "dev_greedy_accuracy_at_stop": round(dev_accuracy, 4),
             "wall_time_s": round(wall, 1),
         },
         "parameters": n_params,
         "config": config.to_diff_dict(),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": " ".join(["python", "scripts/build_builtin_model.py", *map(shlex.quote, sys.argv[1:])]),
     }
     (out / "builtin_model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     print(f"wrote {out}")

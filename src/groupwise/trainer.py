@@ -55,7 +55,12 @@ def _step_seed(seed: int, step: int, salt: int) -> int:
 
 class Trainer:
     def __init__(self, config: Config | dict | str | Path | None = None, *, resume: bool = False):
-        cfg = config if isinstance(config, Config) else (build_config(config) if isinstance(config, dict) or config is None else load_config(config))
+        if isinstance(config, Config):
+            cfg = config
+        elif isinstance(config, dict):
+            cfg = build_config(config)
+        else:
+            cfg = load_config(config)  # a YAML path, or None: the built-in default recipe
         self.config = cfg
         self.run_dir = Path(cfg.run_dir or default_run_dir())
         latest = ckpt.latest_checkpoint(self.run_dir) if resume else None

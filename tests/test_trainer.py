@@ -1,0 +1,140 @@
+"""End-to-end runs on the built-in model: metrics, checkpoints, options, and bad input at the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from groupwise.cli import main
+from groupwise.trainer import RunDirError, Trainer
+
+from conftest import small_overrides
+
+REQUIRED_METRICS = {
+    "reward/mean", "reward/std", "rewards/exact_answer/mean", "rewards/exact_answer/std", "accuracy",
+    "frac_reward_zero_std", "advantage/mean", "advantage/std", "clip_ratio/low", "clip_ratio/high", "entropy",
+    "completion_length/mean", "completion_length/min", "completion_length/max", "truncation_rate",
+    "tokens_generated", "time/generation", "time/scoring", "time/update", "time/step", "tokens_per_second",
+    "loss", "grad_norm", "lr",
+}
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_short_run_writes_everything(small_config):
+    cfg = small_config(**{"checkpoint.every": 2})
+    result = Trainer(cfg).train()
+    run = result.run_dir
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert REQUIRED_METRICS <= set(rows[0]), REQUIRED_METRICS - set(rows[0])
+    assert rows[0]["tokens_generated"] > 0 and 0.0 <= rows[0]["accuracy"] <= 1.0
+    assert yaml.safe_load((run / "config.yaml").read_text())["rollout"]["num_generations"] == 4
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "completion", "rewards", "finished"} <= set(samples[0])
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_000002", "step_000003"], "periodic + final, no temporary directories left"
+    assert {"model", "optim.pt", "rng.pt", "trainer_state.json"} <= {p.name for p in (run / "checkpoints" / "step_000003").iterdir()}
+
+
+def test_reward_rises_on_the_builtin_task(tmp_path):
+    from groupwise.config import load_config
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "schedule.steps=40", "rollout.prompts_per_step=16",
+                             "eval.before_and_after=false", "logging.progress=none", "checkpoint.save_final=false"])
+    Trainer(cfg).train()
+    rewards = [r["reward/mean"] for r in read_metrics(tmp_path / "run")]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last > first + 0.04, (first, last)
+
+
+def test_run_dir_is_never_overwritten(small_config):
+    cfg = small_config(**{"schedule.steps": 1})
+    Trainer(cfg).train()
+    with pytest.raises(RunDirError, match="already holds a run"):
+        Trainer(cfg)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"algorithm.num_iterations": 2, "algorithm.mini_batches": 2, "optimizer.micro_batch_size": 4},
+        {"algorithm.kl.coef": 0.05, "algorithm.kl.estimator": "k3", "algorithm.entropy_coef": 0.01},
+        {"algorithm.advantage": "rloo", "algorithm.ratio_level": "sequence", "algorithm.aggregation": "token_mean"},
+        {"algorithm.advantage": "dr_grpo", "algorithm.aggregation": "constant", "algorithm.mask_truncated_completions": True,
+         "schedule.lr_scheduler": "cosine", "schedule.warmup_steps": 1},
+    ],
+    ids=["mu2-minibatches2-accum", "kl-entropy", "rloo-gspo-token_mean", "drgrpo-constant-cosine"],
+)
+def test_options_run(small_config, extra):
+    cfg = small_config(**extra)
+    trainer = Trainer(cfg)
+    trainer.train()
+    rows = read_metrics(trainer.run_dir)
+    expected_steps = cfg.algorithm.num_iterations * cfg.algorithm.mini_batches
+    assert all(r["optimizer_steps"] == expected_steps for r in rows)
+    if cfg.algorithm.kl.coef:
+        assert trainer.ref_model is not None and all("kl" in r for r in rows)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_lora_trains_only_the_adapter_and_uses_the_base_as_reference(small_config):
+    cfg = small_config(**{"model.lora.enabled": True, "model.lora.r": 4, "algorithm.kl.coef": 0.1, "optimizer.lr": 1e-2})
+    trainer = Trainer(cfg)
+    base_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    trainer.train()
+    assert trainer.ref_model is None, "LoRA needs no second copy: the adapter is disabled for the reference"
+    for n, p in trainer.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), n
+    model_dir = trainer.run_dir / "checkpoints" / "step_000003" / "model"
+    assert (model_dir / "adapter_model.safetensors").is_file() and not (model_dir / "model.safetensors").exists()
+
+
+def test_user_dataset_and_reward_file(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{a}+{a}=", "solution": str(2 * a)}) + "\n" for a in range(20)))
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(
+        "def short(prompts, completions, completion_ids, solution, **kwargs):\n"
+        "    return [1.0 if c.strip() == s else 0.0 for c, s in zip(completions, solution)]\n"
+    )
+    out = tmp_path / "run"
+    code = main(["train", "--set", f"data.train={data}", "--set", "data.column_map={question: prompt, solution: answer}",
+                 "--set", f"rewards.functions=[{{name: '{rewards}:short'}}]", "--set", "data.column_map={question: prompt}",
+                 *sum((["--set", o] for o in small_overrides(out)), [])])
+    assert code == 0
+    rows = read_metrics(out)
+    assert "rewards/short/mean" in rows[0]
+
+
+def test_cli_bad_config_exits_2_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    import groupwise.trainer as trainer_mod
+
+    def boom(*a, **k):
+        raise AssertionError("the model must not be loaded for bad input")
+
+    monkeypatch.setattr(trainer_mod, "load_policy", boom)
+    assert main(["train", "--set", "algorithm.eps_hgh=0.3"]) == 2
+    assert "config key 'algorithm.eps_hgh' is unknown" in capsys.readouterr().err
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": 7}\n')
+    assert main(["train", "--set", f"data.train={bad}", "--set", f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl, line 2" in err and "prompt" in err
+
+    assert main(["train", "--set", "model.path=/no/such/model", "--set", f"run_dir={tmp_path / 'r2'}"]) == 2
+    assert "model.path '/no/such/model' does not exist" in capsys.readouterr().err
+
+    assert main(["train", "--set", "rewards.functions=[{name: no_such_reward}]", "--set", f"run_dir={tmp_path / 'r3'}"]) == 2
+    assert "unknown reward function 'no_such_reward'" in capsys.readouterr().err
+
+
+def test_cli_resume_of_a_directory_without_checkpoint(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "has no config.yaml" in capsys.readouterr().err
