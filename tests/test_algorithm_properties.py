@@ -87,8 +87,6 @@ def test_constant_group_zero_among_other_groups_float64(data, est):
     torch.testing.assert_close(a[-n:], torch.zeros(n, dtype=torch.float64), atol=1e-8, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (numerical): GRPO's float32 group mean is not exact, so a constant "
-                                        "group of a non-dyadic reward gets |A| ≈ 0.02 instead of 0")
 def test_grpo_constant_group_float32_non_dyadic():
     # docstring: "A group whose rewards are all equal gets A = 0 for every member."
     # 16 × 13.7 in float32: the mean differs from 13.7 by ~1e-6, the std is ~1e-6, and

@@ -563,8 +563,6 @@ class TestFilters:
         out = zero_variance_groups(t([2, 3, 4, 3]), ids([1, 0, 1, 0]))
         assert out.tolist() == [True, False]
 
-    @pytest.mark.xfail(strict=True, reason="BUG: zero_variance_groups turns NaN into 0 instead of "
-                                            "ignoring it, so [1, NaN] is reported as having variance")
     def test_zero_variance_groups_ignores_nan(self):
         # docstring: "True when every (non-NaN) reward of the group is equal".
         # group 0 = [1, NaN] → non-NaN rewards {1} → True ; group 1 = [0, 1] → False

@@ -27,9 +27,12 @@ def group_stats(rewards: torch.Tensor, group_id: torch.Tensor, unbiased: bool = 
     """Per-row group count, mean and std over the valid (non-NaN) rewards of each row's group.
 
     Returns `(count[N], mean[N], std[N], valid[N])`. Std of a group with fewer than two valid
-    rewards (unbiased) or none (biased) is 0.
+    rewards (unbiased) or none (biased) is 0. Computed in float64: in float32 the mean of a
+    constant group such as 13.7 is inexact, and (r − mean)/(std + ε) would blow that error up.
     """
     group_id = group_id.long()
+    out_dtype = rewards.dtype
+    rewards = rewards.double()
     num_groups = int(group_id.max()) + 1 if group_id.numel() else 0
     valid = ~torch.isnan(rewards)
     r = torch.where(valid, rewards, torch.zeros_like(rewards))
@@ -40,7 +43,8 @@ def group_stats(rewards: torch.Tensor, group_id: torch.Tensor, unbiased: bool = 
     denom = (count - 1) if unbiased else count
     var = _group_sums(sq_dev, group_id, num_groups) / denom.clamp(min=1)
     var = torch.where(denom > 0, var, torch.zeros_like(var))
-    return count[group_id], mean[group_id], var.sqrt()[group_id], valid
+    cast = lambda t: t[group_id].to(out_dtype)  # noqa: E731
+    return cast(count), cast(mean), cast(var.sqrt()), valid
 
 
 def _finish(adv: torch.Tensor, valid: torch.Tensor, count: torch.Tensor, min_count: int = 2) -> torch.Tensor:
@@ -63,8 +67,9 @@ def group_mean_std_advantage(
     std is Bessel-corrected (n − 1) by default, like TRL, verl and OpenRLHF; ε = 1e-4 as TRL.
     A group whose rewards are all equal gets A = 0 for every member.
     """
-    count, mean, std, valid = group_stats(rewards, group_id, std_unbiased)
-    return _finish((rewards - mean) / (std + eps), valid, count)
+    r = rewards.double()
+    count, mean, std, valid = group_stats(r, group_id, std_unbiased)
+    return _finish((r - mean) / (std + eps), valid, count).to(rewards.dtype)
 
 
 @register_advantage("dr_grpo")
@@ -78,8 +83,9 @@ def group_mean_advantage(rewards: torch.Tensor, group_id: torch.Tensor, **_: obj
     Removing the std removes GRPO's question-difficulty bias (groups with small reward spread get
     their advantages blown up).
     """
-    count, mean, _, valid = group_stats(rewards, group_id)
-    return _finish(rewards - mean, valid, count)
+    r = rewards.double()
+    count, mean, _, valid = group_stats(r, group_id)
+    return _finish(r - mean, valid, count).to(rewards.dtype)
 
 
 @register_advantage("rloo")
@@ -93,9 +99,10 @@ def leave_one_out_advantage(rewards: torch.Tensor, group_id: torch.Tensor, **_: 
 
     The baseline never includes the sample itself, so it is unbiased.
     """
-    count, mean, _, valid = group_stats(rewards, group_id)
-    others_mean = (mean * count - torch.where(valid, rewards, torch.zeros_like(rewards))) / (count - 1).clamp(min=1)
-    return _finish(rewards - others_mean, valid, count)
+    r = rewards.double()
+    count, mean, _, valid = group_stats(r, group_id)
+    others_mean = (mean * count - torch.where(valid, r, torch.zeros_like(r))) / (count - 1).clamp(min=1)
+    return _finish(r - others_mean, valid, count).to(rewards.dtype)
 
 
 GROUP_ESTIMATORS.update({"grpo", "dr_grpo", "rloo"})

@@ -15,10 +15,13 @@ def mask_truncated_completions(completion_mask: torch.Tensor, finished: torch.Te
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_id: torch.Tensor) -> torch.Tensor:
-    """Per group: True when every (non-NaN) reward of the group is equal (no learning signal)."""
+    """Per group: True when its valid (non-NaN) rewards are all equal, i.e. it carries no learning signal.
+
+    A group with no valid reward at all also counts as zero-variance.
+    """
     num_groups = int(group_id.max()) + 1
-    r = torch.nan_to_num(rewards, nan=0.0)
-    inf = torch.full((num_groups,), float("inf"), dtype=r.dtype, device=r.device)
-    gmax = (-inf).scatter_reduce(0, group_id, r, reduce="amax")
-    gmin = inf.scatter_reduce(0, group_id, r, reduce="amin")
-    return gmax == gmin
+    valid = ~torch.isnan(rewards)
+    inf = torch.full((num_groups,), float("inf"), dtype=rewards.dtype, device=rewards.device)
+    gmax = (-inf).scatter_reduce(0, group_id, torch.where(valid, rewards, -torch.inf), reduce="amax")
+    gmin = inf.scatter_reduce(0, group_id, torch.where(valid, rewards, torch.inf), reduce="amin")
+    return gmax <= gmin

@@ -37,6 +37,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy of the softmax over the last dim: H = logsumexp(z) − Σ softmax(z)·z."""
+    """Shannon entropy of the softmax over the last dim: H = −Σ p log p, with 0 log 0 = 0 (masked logits)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
