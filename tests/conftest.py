@@ -34,7 +34,7 @@ def small_overrides(run_dir, **extra) -> list[str]:
 def small_config(tmp_path):
     from groupwise.config import load_config
 
-    def make(**extra):
-        return load_config(None, small_overrides(tmp_path / "run", **extra))
+    def make(run_dir=None, **extra):
+        return load_config(None, small_overrides(run_dir or tmp_path / "run", **extra))
 
     return make

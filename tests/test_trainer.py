@@ -138,3 +138,41 @@ def test_cli_bad_config_exits_2_before_loading_a_model(tmp_path, capsys, monkeyp
 def test_cli_resume_of_a_directory_without_checkpoint(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
+
+
+def test_behaviour_logprobs_cost_no_extra_forward_when_mu_is_1(small_config, monkeypatch):
+    import groupwise.trainer as trainer_mod
+
+    calls = []
+    real = trainer_mod.completion_logprobs
+
+    def spy(model, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "completion_logprobs", spy)
+    trainer = Trainer(small_config(**{"schedule.steps": 1}))
+    trainer.train()
+    assert calls == [True], "μ=1, one mini-batch: only the update's forward (old = detached current)"
+
+    calls.clear()
+    cfg = small_config(**{"schedule.steps": 1, "algorithm.num_iterations": 2, "run_dir": trainer.run_dir.parent / "mu2"})
+    Trainer(cfg).train()
+    assert calls == [False, True, True], "μ=2: one no-grad forward for π_old, then one per update pass"
+
+
+def test_python_api_mirrors_the_cli(tmp_path):
+    import groupwise
+    from conftest import small_overrides
+
+    result = groupwise.train(groupwise.load_config(None, small_overrides(tmp_path / "api", **{"eval.before_and_after": True})))
+    assert result.steps == 3 and result.run_dir == tmp_path / "api"
+    assert set(result.eval_before) >= {"greedy_accuracy", "greedy_reward"} and "greedy_accuracy" in result.eval_after
+    assert isinstance(groupwise.Trainer, type)
+
+
+def test_tensorboard_when_asked(small_config):
+    pytest.importorskip("tensorboard")
+    trainer = Trainer(small_config(**{"logging.tensorboard": True, "schedule.steps": 1}))
+    trainer.train()
+    assert any((trainer.run_dir / "tensorboard").iterdir())
