@@ -5,14 +5,9 @@ from groupwise.model.loading import ModelLoadError
 from groupwise.registry import UnknownPartError
 from groupwise.rewards import RewardError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelLoadError, RewardError, UnknownPartError)
+
+class RunDirError(ValueError):
+    """A run directory that would be overwritten, or cannot be resumed."""
 
 
-def _late() -> None:
-    global USER_ERRORS
-    from groupwise.trainer import RunDirError
-
-    USER_ERRORS = (*USER_ERRORS, RunDirError)
-
-
-_late()
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelLoadError, RewardError, UnknownPartError, RunDirError)

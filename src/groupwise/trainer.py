@@ -25,6 +25,7 @@ from groupwise.algorithms.filters import mask_truncated_completions, zero_varian
 from groupwise.config import Config, build_config, default_run_dir, load_config
 from groupwise.data import UniformSampler, render_prompt
 from groupwise.data.sources import load_eval_prompts, load_train_prompts
+from groupwise.errors import RunDirError
 from groupwise.evaluation import accuracy_index, correct_mask, evaluate, score_rollout
 from groupwise.metrics import MetricsLogger, Progress, truncate_jsonl_after_step
 from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, trainable_parameters
@@ -33,10 +34,6 @@ from groupwise.optim import build_optimizer, build_scheduler
 from groupwise.rewards import RewardRunner
 from groupwise.rollout import HFRolloutEngine, SamplingParams
 from groupwise.types import RolloutBatch, TrainBatch
-
-
-class RunDirError(ValueError):
-    """A run directory that would be overwritten, or cannot be resumed."""
 
 
 @dataclass
