@@ -270,6 +270,7 @@ def main() -> None:
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, max_new_tokens=MAX_NEW_TOKENS
     )
     model.save_pretrained(out, safe_serialization=True)
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the package ships it
     tokenizer.save_pretrained(out)
     _portable_tokenizer_class(out)
     card = {

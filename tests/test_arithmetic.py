@@ -56,11 +56,10 @@ def test_train_split_never_contains_heldout():
         assert not held & {r["prompt"] for r in train_split(seed=seed, n=5000)}
 
 
-def test_both_operators_and_negative_answers_occur():
-    prompts = [r["prompt"] for r in train_split(seed=0, n=1000)]
-    answers = [int(r["answer"]) for r in train_split(seed=0, n=1000)]
-    assert any("+" in p for p in prompts) and any("-" in p for p in prompts)
-    assert min(answers) < 0 < max(answers)
+def test_both_operators_occur_and_answers_are_in_range():
+    rows = train_split(seed=0, n=1000)
+    assert any("+" in r["prompt"] for r in rows) and any("-" in r["prompt"] for r in rows)
+    assert all(0 <= int(r["answer"]) <= 198 for r in rows)  # differences put the larger operand first
 
 
 @settings(max_examples=25, deadline=None)
