@@ -172,7 +172,9 @@ class TestRLOO:
 class TestAdvantageRegistry:
     def test_compute_advantages_by_name(self):
         r, g = t([1, 0, 0, 1]), ids([0, 0, 0, 0])
-        close(compute_advantages("dr_grpo", r, g, eps=0.3), [0.5, -0.5, -0.5, 0.5])  # foreign option ignored
+        close(compute_advantages("dr_grpo", r, g), [0.5, -0.5, -0.5, 0.5])
+        with pytest.raises(TypeError):  # an option the estimator does not take is refused, never ignored
+            compute_advantages("dr_grpo", r, g, eps=0.3)
         # rloo: 1 − 1/3 = 2/3 ; 0 − 2/3 = −2/3
         close(compute_advantages("rloo", r, g), [2 / 3, -2 / 3, -2 / 3, 2 / 3])
         # grpo with eps 0.5: ±0.5 / (0.57735 + 0.5)
@@ -283,10 +285,12 @@ class TestPPOClip:
         # log w = −30 with A = +1: w = e^−20 ≈ 2.06e−9 < 0.8 → min(w, 0.8) = w → loss ≈ −2.06e−9
         assert out.loss[1].item() == pytest.approx(-math.exp(-20), rel=1e-4)
 
-    def test_registry_extra_options_ignored(self):
+    def test_registry_takes_runtime_inputs_and_refuses_foreign_options(self):
         fn = POLICY_LOSSES.get("ppo_clip")
-        out = fn(t([0.0]), t([1.0]), t([0.0]), eps_low=0.2, eps_high=0.28, unrelated=1)
+        out = fn(t([0.0]), t([1.0]), t([0.0]), old_logp=t([0.0]), mask=t([1.0]), eps_low=0.2, eps_high=0.28)
         close(out.loss, [-1.0])
+        with pytest.raises(TypeError):
+            fn(t([0.0]), t([1.0]), t([0.0]), eps_low=0.2, eps_high=0.28, unrelated=1)
 
 
 # =============================================================================================

@@ -84,3 +84,23 @@ def test_a_file_layers_over_schema_defaults(tmp_path):
 def test_build_config_accepts_a_config():
     cfg = load_config()
     assert build_config(cfg, ["seed=3"]).seed == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm.advantage=rloo", "algorithm.std_unbiased=false"], "algorithm.std_unbiased does not apply to advantage estimator 'rloo'"),
+        (["algorithm.loss_options={delta: 3}"], "algorithm.loss_options.delta does not apply to policy loss 'ppo_clip' (its options: eps_low, eps_high)"),
+        (["algorithm.advantage_options={foo: 1}"], "algorithm.advantage_options.foo does not apply to advantage estimator 'grpo'"),
+    ],
+)
+def test_options_that_do_not_apply_to_the_part_are_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
+
+
+def test_part_options_resolve_from_flat_fields_and_mappings():
+    alg = load_config(None, ["algorithm.eps_high=0.28", "algorithm.advantage_options={eps: 0.01}"]).algorithm
+    assert alg.loss_kwargs() == {"eps_low": 0.2, "eps_high": 0.28}
+    assert alg.advantage_kwargs() == {"eps": 0.01, "std_unbiased": True}
+    assert load_config(None, ["algorithm.advantage=rloo"]).algorithm.advantage_kwargs() == {}

@@ -91,10 +91,12 @@ class KLConfig(_Section):
 
 class AlgorithmConfig(_Section):
     advantage: str = Field("grpo", description="advantage estimator (see groupwise.algorithms.advantages)")
+    advantage_options: dict[str, Any] = Field(default_factory=dict, description="options of the selected estimator only")
     advantage_eps: float = Field(1e-4, gt=0.0, description="ε in (r − mean)/(std + ε)")
     std_unbiased: bool = Field(True, description="Bessel-corrected group std, as TRL, verl and OpenRLHF")
     ratio_level: str = Field("token", description="token, or sequence (GSPO)")
     loss: str = Field("ppo_clip", description="policy surrogate (see groupwise.algorithms.losses)")
+    loss_options: dict[str, Any] = Field(default_factory=dict, description="options of the selected surrogate only, e.g. {delta: 4.0}")
     eps_low: float = Field(0.2, gt=0.0, lt=1.0)
     eps_high: float | None = Field(None, gt=0.0, description="default: eps_low; DAPO clip-higher uses 0.28")
     aggregation: str = Field("seq_mean_token_mean", description="seq_mean_token_mean, token_mean, seq_mean_token_sum, constant")
@@ -108,6 +110,24 @@ class AlgorithmConfig(_Section):
     @property
     def resolved_eps_high(self) -> float:
         return self.eps_low if self.eps_high is None else self.eps_high
+
+    def resolved(self, field: str) -> Any:
+        """A flat option's effective value (eps_high falls back to eps_low)."""
+        return self.resolved_eps_high if field == "eps_high" else getattr(self, field)
+
+    def advantage_kwargs(self) -> dict[str, Any]:
+        from groupwise.algorithms import ADVANTAGES
+        from groupwise.algorithms.options import FLAT_ADVANTAGE_OPTIONS, resolve_options
+
+        return resolve_options(kind="advantage estimator", name=self.advantage, fn=ADVANTAGES.get(self.advantage),
+                               section=self, flat=FLAT_ADVANTAGE_OPTIONS, explicit_key="advantage_options")
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        from groupwise.algorithms import POLICY_LOSSES
+        from groupwise.algorithms.options import FLAT_LOSS_OPTIONS, resolve_options
+
+        return resolve_options(kind="policy loss", name=self.loss, fn=POLICY_LOSSES.get(self.loss),
+                               section=self, flat=FLAT_LOSS_OPTIONS, explicit_key="loss_options")
 
 
 class OptimizerConfig(_Section):
@@ -190,13 +210,15 @@ def _check_consistency(cfg: Config) -> None:
     ):
         if name not in registry and ":" not in name:
             raise ValueError(f"{key} '{name}' is unknown; known: {', '.join(registry.names())}")
+    if ":" not in alg.advantage:
+        alg.advantage_kwargs()
+    if ":" not in alg.loss:
+        alg.loss_kwargs()
     if needs_groups(alg.advantage) and roll.num_generations < 2:
         raise ValueError(
             f"rollout.num_generations must be at least 2 for algorithm.advantage '{alg.advantage}' "
             f"(a group of one has no baseline), got {roll.num_generations}"
         )
-    if alg.eps_high is not None and alg.loss == "ppo_clip" and alg.eps_high < 0:
-        raise ValueError("algorithm.eps_high must be positive")
     n = cfg.completions_per_step
     if roll.generation_batch_size is not None and roll.generation_batch_size % roll.num_generations:
         raise ValueError(

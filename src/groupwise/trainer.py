@@ -93,6 +93,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.optimizer_steps_per_step)
         self.sampler = UniformSampler(len(self.train_prompts), cfg.seed, shuffle=cfg.data.shuffle)
         self.parts = ObjectiveParts.from_config(cfg.algorithm)
+        self.advantage_options = cfg.algorithm.advantage_kwargs()
         self.sampling = SamplingParams(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k
         )
@@ -167,7 +168,7 @@ class Trainer:
         t2 = time.perf_counter()
 
         # 4. advantages and filters
-        advantages = compute_advantages(alg.advantage, rewards, rollout.group_id, eps=alg.advantage_eps, std_unbiased=alg.std_unbiased)
+        advantages = compute_advantages(alg.advantage, rewards, rollout.group_id, **self.advantage_options)
         batch = self._train_batch(rollout, advantages)
 
         # 5. old / reference log-probs, then the update

@@ -1,6 +1,13 @@
 """Advantage estimators: scalar rewards of a batch of groups → one advantage per completion.
 
-Every estimator has the signature `fn(rewards[N], group_id[N], **options) -> advantages[N]`.
+Every estimator has the signature
+
+    fn(rewards[N], group_id[N], ctx: AdvantageContext | None = None, *, <its options>) -> advantages[N]
+
+`ctx` carries what some estimators need beyond the rewards (completion lengths, dataset columns,
+state that persists across steps) and what they may hand back (rows to leave out of the loss,
+metrics). Options are keyword-only parameters: the config's `algorithm.advantage_options` is
+checked against them, so an option an estimator does not take is refused by name.
 Groups may have different sizes and need not be contiguous (later samplers vary G per prompt);
 all group statistics are computed with scatter-adds, never with Python loops over groups.
 A reward of NaN ("not applicable" for every reward function) is left out of its group's statistics
@@ -8,9 +15,23 @@ and gets advantage 0, as in TRL.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 from groupwise.registry import Registry
+
+
+@dataclass
+class AdvantageContext:
+    """Inputs beyond the rewards, and outputs beyond the advantages, of one estimator call."""
+
+    lengths: torch.Tensor | None = None          # [N] completion lengths in tokens
+    columns: dict[str, list] = field(default_factory=dict)   # per-row dataset columns
+    state: dict[str, Any] = field(default_factory=dict)       # persists across steps, saved in checkpoints
+    loss_mask: torch.Tensor | None = None        # [N] bool, set by estimators that exclude rows (MC-GRPO pivot)
+    metrics: dict[str, float] = field(default_factory=dict)   # numbers the estimator wants logged
 
 ADVANTAGES: Registry = Registry("advantage estimator")
 register_advantage = ADVANTAGES.register
@@ -55,7 +76,7 @@ def _finish(adv: torch.Tensor, valid: torch.Tensor, count: torch.Tensor, min_cou
 
 @register_advantage("grpo")
 def group_mean_std_advantage(
-    rewards: torch.Tensor, group_id: torch.Tensor, *, eps: float = 1e-4, std_unbiased: bool = True
+    rewards: torch.Tensor, group_id: torch.Tensor, ctx: AdvantageContext | None = None, *, eps: float = 1e-4, std_unbiased: bool = True
 ) -> torch.Tensor:
     """GRPO advantage: standardize each reward within its group.
 
@@ -73,7 +94,7 @@ def group_mean_std_advantage(
 
 
 @register_advantage("dr_grpo")
-def group_mean_advantage(rewards: torch.Tensor, group_id: torch.Tensor, **_: object) -> torch.Tensor:
+def group_mean_advantage(rewards: torch.Tensor, group_id: torch.Tensor, ctx: AdvantageContext | None = None) -> torch.Tensor:
     """Dr. GRPO advantage: subtract the group mean, do not divide by the std.
 
     Paper: "Understanding R1-Zero-Like Training: A Critical Perspective" (Liu et al., arXiv 2503.20783).
@@ -89,7 +110,7 @@ def group_mean_advantage(rewards: torch.Tensor, group_id: torch.Tensor, **_: obj
 
 
 @register_advantage("rloo")
-def leave_one_out_advantage(rewards: torch.Tensor, group_id: torch.Tensor, **_: object) -> torch.Tensor:
+def leave_one_out_advantage(rewards: torch.Tensor, group_id: torch.Tensor, ctx: AdvantageContext | None = None) -> torch.Tensor:
     """RLOO advantage: each reward minus the mean of the *other* rewards of its group.
 
     Paper: "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
@@ -108,6 +129,8 @@ def leave_one_out_advantage(rewards: torch.Tensor, group_id: torch.Tensor, **_: 
 GROUP_ESTIMATORS.update({"grpo", "dr_grpo", "rloo"})
 
 
-def compute_advantages(name: str, rewards: torch.Tensor, group_id: torch.Tensor, **options: object) -> torch.Tensor:
-    """Look up an estimator by name and apply it; options the estimator does not take are ignored by it."""
-    return ADVANTAGES.get(name)(rewards.float(), group_id, **options)
+def compute_advantages(
+    name: str, rewards: torch.Tensor, group_id: torch.Tensor, ctx: AdvantageContext | None = None, **options: object
+) -> torch.Tensor:
+    """Look up an estimator by name and apply it with exactly the options it takes."""
+    return ADVANTAGES.get(name)(rewards.float(), group_id, ctx if ctx is not None else AdvantageContext(), **options)

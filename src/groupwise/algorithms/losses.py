@@ -3,7 +3,8 @@
 Three independent registries, composed by `objective.policy_objective`:
 
 - ratio level   `fn(logp[N,T], old_logp[N,T], mask[N,T]) -> log_ratio[N,T]`
-- surrogate     `fn(log_ratio[N,T], advantages[N,T], logp[N,T], **options) -> SurrogateOutput`
+- surrogate     `fn(log_ratio[N,T], advantages[N,T], logp[N,T], *, old_logp, mask, <its options>) -> SurrogateOutput`
+                (options are keyword-only parameters; `algorithm.loss_options` is checked against them)
 - aggregation   `fn(per_token[N,T], mask[N,T], counts: StepCounts) -> scalar`
 
 Aggregations divide by counts of the whole optimizer step (all micro-batches, all ranks), so
@@ -72,9 +73,10 @@ def ppo_clip_loss(
     advantages: torch.Tensor,
     logp: torch.Tensor,
     *,
+    old_logp: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
-    **_: object,
 ) -> SurrogateOutput:
     """PPO clipped surrogate with separate lower and upper clip ranges (DAPO "clip-higher").
 

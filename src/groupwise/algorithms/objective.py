@@ -35,7 +35,7 @@ class ObjectiveParts:
             ratio_level=RATIO_LEVELS.get(alg.ratio_level),
             surrogate=POLICY_LOSSES.get(alg.loss),
             aggregation=AGGREGATIONS.get(alg.aggregation),
-            surrogate_options={"eps_low": alg.eps_low, "eps_high": alg.resolved_eps_high},
+            surrogate_options=alg.loss_kwargs(),
             kl_coef=alg.kl.coef,
             kl_estimator=KL_ESTIMATORS.get(alg.kl.estimator) if alg.kl.coef > 0 else None,
             entropy_coef=alg.entropy_coef,
@@ -67,7 +67,7 @@ def policy_objective(
     adv = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == 1 else advantages
     adv = adv.to(logp.dtype)
     log_ratio = parts.ratio_level(logp, old_logp, mask)
-    out = parts.surrogate(log_ratio, adv, logp, **parts.surrogate_options)
+    out = parts.surrogate(log_ratio, adv, logp, old_logp=old_logp, mask=mask, **parts.surrogate_options)
     per_token = out.loss
     kl = None
     if parts.kl_estimator is not None:
