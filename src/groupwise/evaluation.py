@@ -30,14 +30,10 @@ def accuracy_index(rewards_cfg: Any, names: list[str]) -> int:
 
 def score_rollout(reward_runner: Any, rollout: RolloutBatch, trainer_state: dict | None = None) -> Scores:
     """Call every reward function on a rollout with the TRL contract (prompts repeated per completion)."""
-    rows = rollout.group_id.tolist()
-    prompts = [rollout.prompts[g] for g in rows]
-    columns: dict[str, list] = {}
-    for key in rollout.prompts[0].columns if rollout.prompts else []:
-        columns[key] = [p.columns.get(key) for p in prompts]
+    prompts = [rollout.prompts[g] for g in rollout.group_id.tolist()]
     completion_ids = [ids[: int(n)] for ids, n in zip(rollout.completion_ids.tolist(), rollout.completion_lengths.tolist())]
     return reward_runner.score(
-        [p.as_reward_input for p in prompts], rollout.completions_text, completion_ids, columns, trainer_state=trainer_state
+        [p.as_reward_input for p in prompts], rollout.completions_text, completion_ids, rollout.row_columns(), trainer_state=trainer_state
     )
 
 

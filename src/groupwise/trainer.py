@@ -21,6 +21,7 @@ import torch
 
 from groupwise import checkpoint as ckpt
 from groupwise.algorithms import ObjectiveParts, StepCounts, compute_advantages, policy_objective
+from groupwise.algorithms.advantages import AdvantageContext
 from groupwise.algorithms.filters import mask_truncated_completions, zero_variance_groups
 from groupwise.config import Config, build_config, default_run_dir, load_config
 from groupwise.data import UniformSampler, render_prompt
@@ -94,6 +95,7 @@ class Trainer:
         self.sampler = UniformSampler(len(self.train_prompts), cfg.seed, shuffle=cfg.data.shuffle)
         self.parts = ObjectiveParts.from_config(cfg.algorithm)
         self.advantage_options = cfg.algorithm.advantage_kwargs()
+        self.advantage_state: dict[str, Any] = {}   # estimators' running statistics (BNPO, DCPO, …)
         self.sampling = SamplingParams(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k
         )
@@ -106,6 +108,7 @@ class Trainer:
             self.step = int(state["step"])
             self.sampler.load_state_dict(state["sampler"])
             self.eval_before = state.get("eval_before", {})
+            self.advantage_state = state.get("advantage_state", {})
             for name in ("metrics.jsonl", "samples.jsonl"):
                 truncate_jsonl_after_step(self.run_dir / name, self.step)
         _atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
@@ -146,7 +149,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(
             self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
-            trainer_state={"sampler": self.sampler.state_dict(), "eval_before": self.eval_before},
+            trainer_state={"sampler": self.sampler.state_dict(), "eval_before": self.eval_before, "advantage_state": self.advantage_state},
             keep_last=self.config.checkpoint.keep_last,
         )
 
@@ -168,8 +171,11 @@ class Trainer:
         t2 = time.perf_counter()
 
         # 4. advantages and filters
-        advantages = compute_advantages(alg.advantage, rewards, rollout.group_id, **self.advantage_options)
-        batch = self._train_batch(rollout, advantages)
+        ctx = AdvantageContext(
+            lengths=rollout.completion_lengths.float(), columns=rollout.row_columns(), state=self.advantage_state
+        )
+        advantages = compute_advantages(alg.advantage, rewards, rollout.group_id, ctx, **self.advantage_options)
+        batch = self._train_batch(rollout, advantages, ctx.loss_mask)
 
         # 5. old / reference log-probs, then the update
         self._behaviour_and_reference_logprobs(batch)
@@ -181,12 +187,16 @@ class Trainer:
         if cfg.logging.samples_every and (self.step + 1) % cfg.logging.samples_every == 0:
             self.logger.log_samples(self.step + 1, _samples(rollout, scores, cfg.logging.num_samples))
         times = {"generation": t1 - t0, "scoring": t2 - t1, "old_logprobs": t3 - t2, "update": t4 - t3, "step": t4 - t0}
-        return self._metrics(rollout, scores, rewards, advantages, update, times)
+        metrics = self._metrics(rollout, scores, rewards, advantages, update, times)
+        metrics.update(ctx.metrics)
+        return metrics
 
-    def _train_batch(self, rollout: RolloutBatch, advantages: torch.Tensor) -> TrainBatch:
+    def _train_batch(self, rollout: RolloutBatch, advantages: torch.Tensor, row_mask: torch.Tensor | None) -> TrainBatch:
         mask = rollout.completion_mask.float()
         if self.config.algorithm.mask_truncated_completions:
             mask = mask_truncated_completions(mask, rollout.finished)
+        if row_mask is not None:  # rows an estimator excludes from the loss (e.g. MC-GRPO's pivot)
+            mask = mask * row_mask.to(mask.dtype).unsqueeze(-1)
         return TrainBatch(
             input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], 1),
             attention_mask=torch.cat([rollout.prompt_mask, rollout.completion_mask], 1),

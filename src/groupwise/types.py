@@ -65,6 +65,12 @@ class RolloutBatch:
     def prompt_of_row(self, row: int) -> Prompt:
         return self.prompts[int(self.group_id[row])]
 
+    def row_columns(self) -> dict[str, list[Any]]:
+        """Each dataset column as a per-completion list (a prompt's value repeated over its group)."""
+        rows = [self.prompts[g] for g in self.group_id.tolist()]
+        keys = self.prompts[0].columns.keys() if self.prompts else []
+        return {k: [p.columns.get(k) for p in rows] for k in keys}
+
 
 @dataclass
 class Scores:
