@@ -17,6 +17,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. algorithm.eps_high=0.28 (repeatable)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint (its config.yaml is used)")
 
+    c = sub.add_parser("compare", help="train several recipes on the same task and seed; print a table")
+    c.add_argument("recipes", nargs="+", help="recipe names (see configs/) or YAML files, optionally 'name:key=value,key=value'")
+    c.add_argument("--steps", type=int, required=True)
+    c.add_argument("--base", help="base config (default: the built-in default)")
+    c.add_argument("--out", help="output directory (default: runs/compare-<time>)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="applied to every recipe")
+
     e = sub.add_parser("eval", help="held-out greedy accuracy and pass@k / mean@k")
     e.add_argument("target", nargs="?", help="a run directory (its newest checkpoint) or a YAML config; default: the built-in model")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -45,6 +52,15 @@ def _cmd_train(args) -> int:
     if before is not None and after is not None:
         print(f"held-out greedy accuracy: {before:.1%} → {after:.1%} ({(after - before) * 100:+.1f} points)")
     print(f"{result.steps} steps in {wall:.0f} s; metrics, samples, config and checkpoints in {result.run_dir}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from groupwise.compare import compare, print_table
+
+    rows = compare(args.recipes, steps=args.steps, base=args.base, out_dir=args.out, overrides=args.overrides)
+    print_table(rows)
+    print(json.dumps(rows))
     return 0
 
 
@@ -77,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        if args.command == "train":
-            return _cmd_train(args)
-        return _cmd_eval(args)
+        commands = {"train": _cmd_train, "compare": _cmd_compare, "eval": _cmd_eval}
+        return commands[args.command](args)
     except (_UserError, *USER_ERRORS) as e:
         print(f"groupwise: error: {e}", file=sys.stderr)
         return 2
