@@ -204,3 +204,41 @@ def test_every_recipe_runs_a_step_on_the_builtin_model(recipe, tmp_path):
     if recipe != "builtin":
         overrides = [o for o in overrides if not o.startswith("rollout.num_generations")]
     assert main(["train", str(path), *sum((["--set", o] for o in overrides), [])]) == 0
+
+
+def test_dynamic_sampling_keeps_informative_groups(small_config):
+    cfg = small_config(**{"algorithm.dynamic_sampling.enabled": True, "algorithm.dynamic_sampling.max_rounds": 3, "schedule.steps": 4})
+    trainer = Trainer(cfg)
+    trainer.train()
+    for row in read_metrics(trainer.run_dir):
+        assert 1 <= row["dynamic_sampling/rounds"] <= 3
+        assert 0.0 <= row["dynamic_sampling/kept_fraction"] <= 1.0
+        if row["dynamic_sampling/rounds"] < 3:  # the batch filled before the cap: every group is informative
+            assert row["frac_reward_zero_std"] == 0.0
+        assert row["tokens_generated"] > 0
+
+
+def test_select_and_concatenate_groups_keep_rows_aligned():
+    from groupwise.types import Prompt, RolloutBatch, Scores, ScoredGroups
+
+    def batch(tp, tc, base):
+        n = 4  # 2 groups × 2
+        return ScoredGroups(
+            RolloutBatch(
+                prompts=[Prompt(text=f"p{base}", messages=None), Prompt(text=f"p{base + 1}", messages=None)],
+                prompt_ids=torch.full((n, tp), base), prompt_mask=torch.ones(n, tp, dtype=torch.long),
+                completion_ids=torch.arange(n * tc).view(n, tc) + 100 * base, completion_mask=torch.ones(n, tc, dtype=torch.long),
+                sampling_logprobs=torch.zeros(n, tc), group_id=torch.tensor([0, 0, 1, 1]), finished=torch.ones(n, dtype=torch.bool),
+                completions_text=[f"c{base}-{i}" for i in range(n)],
+            ),
+            Scores(torch.arange(n, dtype=torch.float32).view(n, 1) + 10 * base, ["r"], torch.ones(1)),
+        )
+
+    a, b = batch(2, 3, 0), batch(3, 1, 5)
+    merged = ScoredGroups.concatenate([a.select_groups([1]), b], pad_id=-1).select_groups([2, 0])
+    assert [p.text for p in merged.rollout.prompts] == ["p6", "p1"]
+    assert merged.rollout.group_id.tolist() == [0, 0, 1, 1]
+    assert merged.rollout.completions_text == ["c5-2", "c5-3", "c0-2", "c0-3"]
+    assert merged.scores.values.view(-1).tolist() == [52.0, 53.0, 2.0, 3.0]
+    assert merged.rollout.prompt_ids.shape == (4, 3) and merged.rollout.prompt_mask[2:].tolist() == [[0, 1, 1]] * 2  # re-left-padded
+    assert merged.rollout.completion_mask[:2].tolist() == [[1, 0, 0]] * 2  # re-right-padded

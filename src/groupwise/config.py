@@ -89,6 +89,13 @@ class KLConfig(_Section):
     estimator: Literal["k1", "k2", "k3"] = "k3"
 
 
+class DynamicSamplingConfig(_Section):
+    """DAPO dynamic sampling: train only on groups whose rewards differ (arXiv 2503.14476)."""
+
+    enabled: bool = False
+    max_rounds: int = Field(4, ge=1, description="generation rounds per step at most (verl max_num_gen_batches); if still short, zero-variance groups fill the batch")
+
+
 class AlgorithmConfig(_Section):
     advantage: str = Field("grpo", description="advantage estimator (see groupwise.algorithms.advantages)")
     advantage_options: dict[str, Any] = Field(default_factory=dict, description="options of the selected estimator only")
@@ -105,6 +112,7 @@ class AlgorithmConfig(_Section):
     num_iterations: int = Field(1, ge=1, description="μ: passes over each generation round")
     mini_batches: int = Field(1, ge=1, description="optimizer steps per pass (verl ppo_mini_batch count)")
     mask_truncated_completions: bool = False
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
     shuffle_mini_batches: bool = True
 
     @property

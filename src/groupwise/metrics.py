@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -80,6 +82,40 @@ class MetricsLogger:
         self.samples.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _nanstd(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return float(x.std()) if x.numel() > 1 else 0.0
+
+
+def step_metrics(rollout, scores, rewards, advantages, accuracy_index: int, correct_threshold: float, times: dict[str, float]) -> dict[str, float]:
+    """What a step's rollout, scores and advantages say (the update adds its own numbers)."""
+    from groupwise.algorithms.filters import zero_variance_groups
+    from groupwise.evaluation import correct_mask
+
+    lengths = rollout.completion_lengths.float()
+    tokens = float(lengths.sum())
+    m: dict[str, float] = {
+        "reward/mean": float(torch.nanmean(rewards)),
+        "reward/std": _nanstd(rewards),
+        "accuracy": float(correct_mask(scores, accuracy_index, correct_threshold).float().mean()),
+        "frac_reward_zero_std": float(zero_variance_groups(rewards, rollout.group_id).float().mean()),
+        "advantage/mean": float(advantages.mean()),
+        "advantage/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
+        "completion_length/mean": float(lengths.mean()),
+        "completion_length/min": float(lengths.min()),
+        "completion_length/max": float(lengths.max()),
+        "truncation_rate": float(rollout.truncated.float().mean()),
+        "tokens_generated": tokens,
+        "reward_errors": float(scores.num_errors),
+    }
+    for k, name in enumerate(scores.names):
+        m[f"rewards/{name}/mean"] = float(torch.nanmean(scores.values[:, k]))
+        m[f"rewards/{name}/std"] = _nanstd(scores.values[:, k])
+    m.update({f"time/{k}": v for k, v in times.items()})
+    m["tokens_per_second"] = tokens / max(times["generation"], 1e-9)
+    return m
 
 
 class Progress:

@@ -27,14 +27,14 @@ from groupwise.config import Config, build_config, default_run_dir, load_config
 from groupwise.data import UniformSampler, render_prompt
 from groupwise.data.sources import load_eval_prompts, load_train_prompts
 from groupwise.errors import RunDirError
-from groupwise.evaluation import accuracy_index, correct_mask, evaluate, score_rollout
-from groupwise.metrics import MetricsLogger, Progress, truncate_jsonl_after_step
+from groupwise.evaluation import accuracy_index, evaluate, score_rollout
+from groupwise.metrics import MetricsLogger, Progress, step_metrics, truncate_jsonl_after_step
 from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, trainable_parameters
 from groupwise.model.logprobs import completion_logprobs
 from groupwise.optim import build_optimizer, build_scheduler
 from groupwise.rewards import RewardRunner
 from groupwise.rollout import HFRolloutEngine, SamplingParams
-from groupwise.types import RolloutBatch, TrainBatch
+from groupwise.types import RolloutBatch, ScoredGroups, TrainBatch
 
 
 @dataclass
@@ -158,17 +158,11 @@ class Trainer:
         cfg, alg = self.config, self.config.algorithm
         t0 = time.perf_counter()
 
-        # 1–2. prompts → groups of completions
-        indices = self.sampler.next_indices(cfg.rollout.prompts_per_step)
-        prompts = [self.train_prompts[i] for i in indices]
-        texts = [render_prompt(p, self.tokenizer, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt) for p in prompts]
-        rollout = self.engine.generate(prompts, texts, cfg.rollout.num_generations, self.sampling, seed=_step_seed(cfg.seed, self.step, 1))
-        t1 = time.perf_counter()
-
-        # 3. scores
-        scores = score_rollout(self.rewards, rollout, trainer_state={"step": self.step})
+        # 1–3. prompts → groups of completions → scores (more rounds under dynamic sampling)
+        collected, collect_metrics = self._collect()
+        rollout, scores = collected.rollout, collected.scores
         rewards = scores.total().to(self.device)
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
 
         # 4. advantages and filters
         ctx = AdvantageContext(
@@ -179,17 +173,55 @@ class Trainer:
 
         # 5. old / reference log-probs, then the update
         self._behaviour_and_reference_logprobs(batch)
-        t3 = time.perf_counter()
+        t2 = time.perf_counter()
         update = self._update(batch)
-        t4 = time.perf_counter()
+        t3 = time.perf_counter()
 
-        self.sampler.update(indices, rewards.view(len(prompts), -1).tolist())
         if cfg.logging.samples_every and (self.step + 1) % cfg.logging.samples_every == 0:
             self.logger.log_samples(self.step + 1, _samples(rollout, scores, cfg.logging.num_samples))
-        times = {"generation": t1 - t0, "scoring": t2 - t1, "old_logprobs": t3 - t2, "update": t4 - t3, "step": t4 - t0}
-        metrics = self._metrics(rollout, scores, rewards, advantages, update, times)
+        times = {**collect_metrics.pop("times"), "old_logprobs": t2 - t1, "update": t3 - t2, "step": t3 - t0}
+        metrics = step_metrics(rollout, scores, rewards, advantages, self.accuracy_index, cfg.rewards.correct_threshold, times)
+        metrics.update(update)
+        metrics.update(collect_metrics)
         metrics.update(ctx.metrics)
         return metrics
+
+    def _collect(self) -> tuple[ScoredGroups, dict[str, Any]]:
+        """Generate and score `prompts_per_step` groups. Under dynamic sampling (DAPO) keep only
+        groups whose rewards differ, generating further rounds until the batch is full or
+        `max_rounds` is reached; then zero-variance groups fill the rest (shapes stay fixed)."""
+        cfg = self.config
+        want, ds = cfg.rollout.prompts_per_step, cfg.algorithm.dynamic_sampling
+        kept, dropped, n_kept, times = [], [], 0, {"generation": 0.0, "scoring": 0.0}
+        rounds = ds.max_rounds if ds.enabled else 1
+        for round_index in range(rounds):
+            t0 = time.perf_counter()
+            indices = self.sampler.next_indices(want)
+            prompts = [self.train_prompts[i] for i in indices]
+            texts = [render_prompt(p, self.tokenizer, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt) for p in prompts]
+            seed = _step_seed(cfg.seed, self.step, 1 + 1000 * round_index)
+            rollout = self.engine.generate(prompts, texts, cfg.rollout.num_generations, self.sampling, seed=seed)
+            t1 = time.perf_counter()
+            part = ScoredGroups(rollout, score_rollout(self.rewards, rollout, trainer_state={"step": self.step}))
+            totals = part.scores.total()
+            self.sampler.update(indices, totals.view(want, -1).tolist())
+            times["generation"] += t1 - t0
+            times["scoring"] += time.perf_counter() - t1
+            if not ds.enabled:
+                return part, {"times": times}
+            informative = (~zero_variance_groups(totals, rollout.group_id.cpu())).tolist()
+            keep = [g for g in range(want) if informative[g]]
+            drop = [g for g in range(want) if not informative[g]]
+            if keep:
+                kept.append(part.select_groups(keep))
+            if drop:
+                dropped.append(part.select_groups(drop))
+            n_kept += len(keep)
+            if n_kept >= want:
+                break
+        merged = ScoredGroups.concatenate(kept + dropped, self.engine.pad_id).select_groups(list(range(want)))
+        metrics = {"dynamic_sampling/rounds": float(round_index + 1), "dynamic_sampling/kept_fraction": n_kept / (want * (round_index + 1))}
+        return merged, {"times": times, **metrics}
 
     def _train_batch(self, rollout: RolloutBatch, advantages: torch.Tensor, row_mask: torch.Tensor | None) -> TrainBatch:
         mask = rollout.completion_mask.float()
@@ -279,37 +311,6 @@ class Trainer:
         if "kl" in sums:
             out["kl"] = sums["kl"] / tokens
         return out
-
-    def _metrics(self, rollout: RolloutBatch, scores, rewards, advantages, update, times) -> dict[str, float]:
-        lengths = rollout.completion_lengths.float()
-        correct = correct_mask(scores, self.accuracy_index, self.config.rewards.correct_threshold)
-        tokens = float(lengths.sum())
-        m: dict[str, float] = {
-            "reward/mean": float(torch.nanmean(rewards)),
-            "reward/std": float(_nanstd(rewards)),
-            "accuracy": float(correct.float().mean()),
-            "frac_reward_zero_std": float(zero_variance_groups(rewards, rollout.group_id).float().mean()),
-            "advantage/mean": float(advantages.mean()),
-            "advantage/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
-            "completion_length/mean": float(lengths.mean()),
-            "completion_length/min": float(lengths.min()),
-            "completion_length/max": float(lengths.max()),
-            "truncation_rate": float(rollout.truncated.float().mean()),
-            "tokens_generated": tokens,
-            "reward_errors": float(scores.num_errors),
-        }
-        for k, name in enumerate(scores.names):
-            m[f"rewards/{name}/mean"] = float(torch.nanmean(scores.values[:, k]))
-            m[f"rewards/{name}/std"] = float(_nanstd(scores.values[:, k]))
-        m.update(update)
-        m.update({f"time/{k}": v for k, v in times.items()})
-        m["tokens_per_second"] = tokens / max(times["generation"], 1e-9)
-        return m
-
-
-def _nanstd(x: torch.Tensor) -> torch.Tensor:
-    x = x[~torch.isnan(x)]
-    return x.std() if x.numel() > 1 else torch.tensor(0.0)
 
 
 def _samples(rollout: RolloutBatch, scores, n: int) -> list[dict[str, Any]]:

@@ -65,6 +65,53 @@ class RolloutBatch:
     def prompt_of_row(self, row: int) -> Prompt:
         return self.prompts[int(self.group_id[row])]
 
+    def rows_of_groups(self, groups: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices of the given groups, ordered group by group, and their new group ids 0…len−1."""
+        device = self.group_id.device
+        wanted = torch.tensor(groups, dtype=torch.long, device=device)
+        rows = torch.nonzero(torch.isin(self.group_id, wanted), as_tuple=True)[0]
+        remap = torch.full((len(self.prompts),), -1, dtype=torch.long, device=device)
+        remap[wanted] = torch.arange(len(groups), device=device)
+        new_gid = remap[self.group_id[rows]]
+        order = torch.argsort(new_gid, stable=True)
+        return rows[order], new_gid[order]
+
+    def select_groups(self, groups: list[int]) -> "RolloutBatch":
+        """The sub-batch holding the given groups (renumbered 0…len(groups)−1, in that order)."""
+        rows, new_gid = self.rows_of_groups(groups)
+        return RolloutBatch(
+            prompts=[self.prompts[g] for g in groups],
+            prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows],
+            completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
+            sampling_logprobs=self.sampling_logprobs[rows], group_id=new_gid, finished=self.finished[rows],
+            completions_text=[self.completions_text[i] for i in rows.tolist()],
+        )
+
+    @staticmethod
+    def concatenate(batches: list["RolloutBatch"], pad_id: int) -> "RolloutBatch":
+        """One batch from several (prompts re-left-padded, completions re-right-padded to common widths)."""
+        if len(batches) == 1:
+            return batches[0]
+        tp = max(b.prompt_ids.shape[1] for b in batches)
+        tc = max(b.completion_ids.shape[1] for b in batches)
+        left = lambda t, w, v: torch.nn.functional.pad(t, (w - t.shape[1], 0), value=v)  # noqa: E731
+        right = lambda t, w, v: torch.nn.functional.pad(t, (0, w - t.shape[1]), value=v)  # noqa: E731
+        offsets, total = [], 0
+        for b in batches:
+            offsets.append(total)
+            total += len(b.prompts)
+        return RolloutBatch(
+            prompts=[p for b in batches for p in b.prompts],
+            prompt_ids=torch.cat([left(b.prompt_ids, tp, pad_id) for b in batches]),
+            prompt_mask=torch.cat([left(b.prompt_mask, tp, 0) for b in batches]),
+            completion_ids=torch.cat([right(b.completion_ids, tc, pad_id) for b in batches]),
+            completion_mask=torch.cat([right(b.completion_mask, tc, 0) for b in batches]),
+            sampling_logprobs=torch.cat([right(b.sampling_logprobs, tc, 0.0) for b in batches]),
+            group_id=torch.cat([b.group_id + off for b, off in zip(batches, offsets)]),
+            finished=torch.cat([b.finished for b in batches]),
+            completions_text=[t for b in batches for t in b.completions_text],
+        )
+
     def row_columns(self) -> dict[str, list[Any]]:
         """Each dataset column as a per-completion list (a prompt's value repeated over its group)."""
         rows = [self.prompts[g] for g in self.group_id.tolist()]
@@ -87,6 +134,27 @@ class Scores:
         all_nan = torch.isnan(v).all(dim=-1)
         total = torch.nansum(v * self.weights, dim=-1)
         return torch.where(all_nan, torch.full_like(total, float("nan")), total)
+
+
+@dataclass
+class ScoredGroups:
+    """A rollout with its scores (what dynamic sampling filters and concatenates)."""
+
+    rollout: RolloutBatch
+    scores: Scores
+
+    def select_groups(self, groups: list[int]) -> "ScoredGroups":
+        rows, _ = self.rollout.rows_of_groups(groups)
+        s = self.scores
+        return ScoredGroups(self.rollout.select_groups(groups), Scores(s.values[rows.cpu()], s.names, s.weights, s.num_errors))
+
+    @staticmethod
+    def concatenate(parts: list["ScoredGroups"], pad_id: int) -> "ScoredGroups":
+        s0 = parts[0].scores
+        return ScoredGroups(
+            RolloutBatch.concatenate([p.rollout for p in parts], pad_id),
+            Scores(torch.cat([p.scores.values for p in parts]), s0.names, s0.weights, sum(p.scores.num_errors for p in parts)),
+        )
 
 
 @dataclass
