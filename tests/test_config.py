@@ -43,9 +43,9 @@ def test_set_dotted_creates_sections_and_refuses_descending_into_values():
         ("rollout.generation_batch_size=12", "rollout.generation_batch_size (12) must be a multiple of rollout.num_generations (8)"),
         ("algorithm.mini_batches=3", "algorithm.mini_batches (3) must divide the completions per step"),
         ("optimizer.micro_batch_size=7", "optimizer.micro_batch_size (7) must divide the completions per mini-batch"),
-        ("algorithm.advantage=nope", "algorithm.advantage 'nope' is unknown; known: dr_grpo, grpo, rloo"),
+        ("algorithm.advantage=nope", "algorithm.advantage 'nope' is unknown; known: batch_std, bnpo, dcpo_sas, dr_grpo"),
         ("algorithm.aggregation=mean", "algorithm.aggregation 'mean' is unknown; known: constant, seq_mean_token_mean"),
-        ("algorithm.kl.estimator=k9", "config key 'algorithm.kl.estimator'"),
+        ("algorithm.kl.estimator=k9", "algorithm.kl.estimator 'k9' is unknown; known: abs, k1, k1+, k2, k2+, k3, k3+"),
         ("schedule.warmup_steps=1000", "schedule.warmup_steps (1000) exceeds schedule.steps"),
         ("rewards.accuracy_function=foo", "rewards.accuracy_function 'foo' is not one of rewards.functions"),
         ("data.train=builtin:chess", "data.train 'builtin:chess' is not a built-in task"),
@@ -101,6 +101,8 @@ def test_options_that_do_not_apply_to_the_part_are_refused_by_name(overrides, me
 
 def test_part_options_resolve_from_flat_fields_and_mappings():
     alg = load_config(None, ["algorithm.eps_high=0.28", "algorithm.advantage_options={eps: 0.01}"]).algorithm
-    assert alg.loss_kwargs() == {"eps_low": 0.2, "eps_high": 0.28}
-    assert alg.advantage_kwargs() == {"eps": 0.01, "std_unbiased": True}
+    assert alg.loss_kwargs() == {"eps_high": 0.28}, "unset flat fields leave the part's own defaults"
+    assert alg.advantage_kwargs() == {"eps": 0.01}
+    assert load_config(None, ["algorithm.eps_low=0.3"]).algorithm.loss_kwargs() == {"eps_low": 0.3, "eps_high": 0.3}, "TRL: eps_high follows eps_low"
     assert load_config(None, ["algorithm.advantage=rloo"]).algorithm.advantage_kwargs() == {}
+    assert load_config(None, ["algorithm.loss=cispo"]).algorithm.loss_kwargs() == {}, "CISPO keeps its own ε defaults"

@@ -67,8 +67,14 @@ def test_run_dir_is_never_overwritten(small_config):
         {"algorithm.advantage": "rloo", "algorithm.ratio_level": "sequence", "algorithm.aggregation": "token_mean"},
         {"algorithm.advantage": "dr_grpo", "algorithm.aggregation": "constant", "algorithm.mask_truncated_completions": True,
          "schedule.lr_scheduler": "cosine", "schedule.warmup_steps": 1},
+        {"algorithm.kl.coef": 0.05, "algorithm.kl.target": 0.01, "algorithm.kl.horizon": 100, "algorithm.kl.estimator": "k3+",
+         "algorithm.entropy_control.target": 5.0, "algorithm.top_entropy_quantile": 0.5},
+        {"algorithm.kl.coef": 0.05, "algorithm.kl.placement": "reward", "algorithm.kl.estimator": "k1"},
+        {"algorithm.gfpo.keep": 2, "algorithm.d3s.token_ratio": 0.5},
+        {"algorithm.d3s.samples_per_group": 2, "algorithm.advantage": "mc_grpo", "rollout.num_generations": 5},
     ],
-    ids=["mu2-minibatches2-accum", "kl-entropy", "rloo-gspo-token_mean", "drgrpo-constant-cosine"],
+    ids=["mu2-minibatches2-accum", "kl-entropy", "rloo-gspo-token_mean", "drgrpo-constant-cosine",
+         "adaptive-kl-entropy-8020", "kl-in-reward", "gfpo-d3s-tokens", "d3s-samples-mcgrpo"],
 )
 def test_options_run(small_config, extra):
     cfg = small_config(**extra)
@@ -78,7 +84,15 @@ def test_options_run(small_config, extra):
     expected_steps = cfg.algorithm.num_iterations * cfg.algorithm.mini_batches
     assert all(r["optimizer_steps"] == expected_steps for r in rows)
     if cfg.algorithm.kl.coef:
-        assert trainer.ref_model is not None and all("kl" in r for r in rows)
+        assert trainer.ref_model is not None and all("kl" in r and "kl_coef" in r for r in rows)
+    if cfg.algorithm.kl.target:
+        assert rows[-1]["kl_coef"] != cfg.algorithm.kl.coef, "adaptive β moves"
+    if cfg.algorithm.entropy_control.target:
+        assert all("entropy_coef" in r for r in rows) and rows[-1]["entropy_coef"] > 0, "entropy below target: the bonus grows"
+    if cfg.algorithm.top_entropy_quantile < 1 or cfg.algorithm.d3s.token_ratio < 1:
+        assert all(r["token_mask/kept_fraction"] < 1 for r in rows)
+    if cfg.algorithm.gfpo.keep or cfg.algorithm.d3s.samples_per_group:
+        assert all(r["filtered_fraction"] > 0 for r in rows)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
@@ -191,7 +205,7 @@ def test_compare_trains_each_recipe_on_the_same_base(tmp_path, capsys):
 
 def test_compare_refuses_an_unknown_recipe_before_training(capsys):
     assert main(["compare", "grpo", "no_such_recipe", "--steps", "1"]) == 2
-    assert "recipe 'no_such_recipe' is neither a file nor a known recipe; known: dr_grpo, grpo" in capsys.readouterr().err
+    assert "recipe 'no_such_recipe' is neither a file nor a known recipe; known: bnpo, cispo, dapo" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (__import__("pathlib").Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")))

@@ -85,8 +85,34 @@ class RewardsConfig(_Section):
 
 
 class KLConfig(_Section):
-    coef: float = Field(0.0, ge=0.0, description="β; 0 = no reference model is loaded")
-    estimator: Literal["k1", "k2", "k3"] = "k3"
+    coef: float = Field(0.0, ge=0.0, description="β (initial β when adaptive); 0 = no reference model is loaded")
+    estimator: str = Field("k3", description="k1, k2, k3, abs, or a straight-through k1+, k2+, k3+ (value of k_n, gradient of k2)")
+    placement: Literal["loss", "reward"] = Field("loss", description="in the loss per token (GRPO), or subtracted from the reward as a sequence sum (PPO/RLOO style)")
+    target: float | None = Field(None, gt=0.0, description="adaptive β toward this KL (Ziegler et al.); null = fixed β")
+    horizon: int = Field(10000, ge=1, description="adaptive β: completions over which β moves by at most 20%")
+
+
+class EntropyControlConfig(_Section):
+    """Skywork-OR1 adaptive entropy: raise the bonus while entropy ≤ target, lower it otherwise."""
+
+    target: float | None = Field(None, gt=0.0, description="null = fixed algorithm.entropy_coef")
+    delta: float = Field(0.005, gt=0.0)
+    coef_min: float = Field(0.0, ge=0.0)
+    coef_max: float = Field(1.0, ge=0.0)
+
+
+class GFPOConfig(_Section):
+    """GFPO: sample G, train on the k shortest (or most token-efficient) per group (arXiv 2508.09726)."""
+
+    keep: int | None = Field(None, ge=1, description="k kept per group; null = off")
+    metric: Literal["length", "token_efficiency"] = "length"
+
+
+class D3SConfig(_Section):
+    """D³S down-sampling: samples with the largest advantage variance, tokens with the largest |A|·entropy."""
+
+    samples_per_group: int | None = Field(None, ge=1, description="null = keep every sample")
+    token_ratio: float = Field(1.0, gt=0.0, le=1.0, description="fraction of tokens kept by |A|·entropy")
 
 
 class DynamicSamplingConfig(_Section):
@@ -109,6 +135,10 @@ class AlgorithmConfig(_Section):
     aggregation: str = Field("seq_mean_token_mean", description="seq_mean_token_mean, token_mean, seq_mean_token_sum, constant")
     kl: KLConfig = KLConfig()
     entropy_coef: float = Field(0.0, ge=0.0)
+    entropy_control: EntropyControlConfig = EntropyControlConfig()
+    top_entropy_quantile: float = Field(1.0, gt=0.0, le=1.0, description="ρ of the 80/20 rule: train only on the top-ρ highest-entropy tokens")
+    gfpo: GFPOConfig = GFPOConfig()
+    d3s: D3SConfig = D3SConfig()
     num_iterations: int = Field(1, ge=1, description="μ: passes over each generation round")
     mini_batches: int = Field(1, ge=1, description="optimizer steps per pass (verl ppo_mini_batch count)")
     mask_truncated_completions: bool = False
@@ -218,6 +248,11 @@ def _check_consistency(cfg: Config) -> None:
     ):
         if name not in registry and ":" not in name:
             raise ValueError(f"{key} '{name}' is unknown; known: {', '.join(registry.names())}")
+    from groupwise.algorithms.compat import incompatibility
+
+    reason = incompatibility(advantage=alg.advantage, ratio_level=alg.ratio_level, loss=alg.loss, aggregation=alg.aggregation)
+    if reason:
+        raise ValueError(reason)
     if ":" not in alg.advantage:
         alg.advantage_kwargs()
     if ":" not in alg.loss:
@@ -247,6 +282,16 @@ def _check_consistency(cfg: Config) -> None:
         )
     if cfg.schedule.warmup_steps > cfg.schedule.steps:
         raise ValueError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) exceeds schedule.steps ({cfg.schedule.steps})")
+    from groupwise.algorithms import KL_ESTIMATORS
+
+    if alg.kl.estimator not in KL_ESTIMATORS:
+        raise ValueError(f"algorithm.kl.estimator '{alg.kl.estimator}' is unknown; known: {', '.join(KL_ESTIMATORS.names())}")
+    for key, k in (("algorithm.gfpo.keep", alg.gfpo.keep), ("algorithm.d3s.samples_per_group", alg.d3s.samples_per_group)):
+        if k is not None and k >= roll.num_generations:
+            raise ValueError(f"{key} ({k}) must be smaller than rollout.num_generations ({roll.num_generations}): it keeps a subset of each group")
+    ec = alg.entropy_control
+    if ec.target is not None and ec.coef_min > ec.coef_max:
+        raise ValueError(f"algorithm.entropy_control.coef_min ({ec.coef_min}) exceeds coef_max ({ec.coef_max})")
     names = [f.name for f in cfg.rewards.functions]
     if cfg.rewards.accuracy_function is not None and cfg.rewards.accuracy_function not in names:
         raise ValueError(f"rewards.accuracy_function '{cfg.rewards.accuracy_function}' is not one of rewards.functions: {', '.join(names)}")

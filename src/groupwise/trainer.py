@@ -22,7 +22,10 @@ import torch
 from groupwise import checkpoint as ckpt
 from groupwise.algorithms import ObjectiveParts, StepCounts, compute_advantages, policy_objective
 from groupwise.algorithms.advantages import AdvantageContext
-from groupwise.algorithms.filters import mask_truncated_completions, zero_variance_groups
+from groupwise.algorithms.controllers import AdaptiveEntropyController, AdaptiveKLController, FixedKLController, kl_in_reward
+from groupwise.algorithms.filters import (
+    d3s_sample_keep, d3s_token_mask, dynamic_sampling_keep, gfpo_keep, mask_truncated_completions, top_entropy_token_mask,
+)
 from groupwise.config import Config, build_config, default_run_dir, load_config
 from groupwise.data import UniformSampler, render_prompt
 from groupwise.data.sources import load_eval_prompts, load_train_prompts
@@ -96,6 +99,11 @@ class Trainer:
         self.parts = ObjectiveParts.from_config(cfg.algorithm)
         self.advantage_options = cfg.algorithm.advantage_kwargs()
         self.advantage_state: dict[str, Any] = {}   # estimators' running statistics (BNPO, DCPO, …)
+        kl, ent = cfg.algorithm.kl, cfg.algorithm.entropy_control
+        self.kl_controller = AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.target else FixedKLController(kl.coef)
+        self.entropy_controller = (
+            AdaptiveEntropyController(cfg.algorithm.entropy_coef, ent.target, ent.delta, ent.coef_min, ent.coef_max) if ent.target else None
+        )
         self.sampling = SamplingParams(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k
         )
@@ -109,6 +117,11 @@ class Trainer:
             self.sampler.load_state_dict(state["sampler"])
             self.eval_before = state.get("eval_before", {})
             self.advantage_state = state.get("advantage_state", {})
+            self.kl_controller.load_state_dict(state["kl_controller"])
+            if self.entropy_controller is not None:
+                self.entropy_controller.load_state_dict(state["entropy_controller"])
+                self.parts.entropy_coef = state["entropy_coef_applied"]
+            self.parts.kl_coef = self.kl_controller.coef if cfg.algorithm.kl.placement == "loss" else 0.0
             for name in ("metrics.jsonl", "samples.jsonl"):
                 truncate_jsonl_after_step(self.run_dir / name, self.step)
         _atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
@@ -149,7 +162,11 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(
             self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
-            trainer_state={"sampler": self.sampler.state_dict(), "eval_before": self.eval_before, "advantage_state": self.advantage_state},
+            trainer_state={
+                "sampler": self.sampler.state_dict(), "eval_before": self.eval_before, "advantage_state": self.advantage_state,
+                "kl_controller": self.kl_controller.state_dict(), "entropy_controller": self.entropy_controller.state_dict() if self.entropy_controller else None,
+                "entropy_coef_applied": self.parts.entropy_coef,
+            },
             keep_last=self.config.checkpoint.keep_last,
         )
 
@@ -164,27 +181,77 @@ class Trainer:
         rewards = scores.total().to(self.device)
         t1 = time.perf_counter()
 
-        # 4. advantages and filters
-        ctx = AdvantageContext(
-            lengths=rollout.completion_lengths.float(), columns=rollout.row_columns(), state=self.advantage_state
-        )
-        advantages = compute_advantages(alg.advantage, rewards, rollout.group_id, ctx, **self.advantage_options)
-        batch = self._train_batch(rollout, advantages, ctx.loss_mask)
-
-        # 5. old / reference log-probs, then the update
+        # 4. row filters, old / reference log-probs, KL-in-reward, advantages
+        lengths = rollout.completion_lengths.float()
+        row_keep = None
+        if alg.gfpo.keep:  # GFPO: the estimator sees only the kept subset (others: NaN ⇒ left out, A = 0)
+            row_keep = gfpo_keep(rewards, rollout.group_id, lengths, alg.gfpo.keep, alg.gfpo.metric)
+        batch = self._train_batch(rollout)
         self._behaviour_and_reference_logprobs(batch)
+        scored = rewards
+        if alg.kl.coef > 0 and alg.kl.placement == "reward":
+            scored = kl_in_reward(rewards, batch.old_logprobs, batch.ref_logprobs, batch.completion_mask, self.kl_controller.coef, alg.kl.estimator)
+        if row_keep is not None:
+            scored = torch.where(row_keep, scored, torch.full_like(scored, float("nan")))
+        ctx = AdvantageContext(
+            lengths=lengths, state=self.advantage_state,
+            # `prompt_index` (dataset row) lets estimators keep per-prompt statistics across steps
+            columns={**rollout.row_columns(), "prompt_index": [rollout.prompts[g].index for g in rollout.group_id.tolist()]},
+        )
+        advantages = compute_advantages(alg.advantage, scored, rollout.group_id, ctx, **self.advantage_options)
+        if alg.d3s.samples_per_group:
+            keep = d3s_sample_keep(advantages, rollout.group_id, alg.d3s.samples_per_group)
+            row_keep = keep if row_keep is None else row_keep & keep
+        for rows in (ctx.loss_mask, row_keep):  # rows left out of the loss (MC-GRPO pivot, GFPO, D³S)
+            if rows is not None:
+                batch.completion_mask = batch.completion_mask * rows.to(batch.completion_mask.dtype).unsqueeze(-1)
+        batch.advantages = advantages
         t2 = time.perf_counter()
+
+        # 5. the update, then the adaptive coefficients
         update = self._update(batch)
         t3 = time.perf_counter()
+        update.update(self._update_coefficients(update, batch))
+        if row_keep is not None:
+            update["filtered_fraction"] = float(1.0 - row_keep.float().mean())
 
         if cfg.logging.samples_every and (self.step + 1) % cfg.logging.samples_every == 0:
             self.logger.log_samples(self.step + 1, _samples(rollout, scores, cfg.logging.num_samples))
-        times = {**collect_metrics.pop("times"), "old_logprobs": t2 - t1, "update": t3 - t2, "step": t3 - t0}
+        times = {**collect_metrics.pop("times"), "prepare": t2 - t1, "update": t3 - t2, "step": t3 - t0}
         metrics = step_metrics(rollout, scores, rewards, advantages, self.accuracy_index, cfg.rewards.correct_threshold, times)
         metrics.update(update)
         metrics.update(collect_metrics)
         metrics.update(ctx.metrics)
         return metrics
+
+    def _token_mask(self, mb: TrainBatch, entropy: torch.Tensor) -> torch.Tensor:
+        """Token-level filters, within the micro-batch: 80/20 high-entropy tokens, D³S |A|·entropy."""
+        alg, mask = self.config.algorithm, mb.completion_mask
+        if alg.top_entropy_quantile < 1.0:
+            mask = top_entropy_token_mask(entropy.detach(), mask, alg.top_entropy_quantile)
+        if alg.d3s.token_ratio < 1.0:
+            mask = d3s_token_mask(mb.advantages, entropy.detach(), mask, alg.d3s.token_ratio)
+        return mask
+
+    def _update_coefficients(self, update: dict[str, float], batch: TrainBatch) -> dict[str, float]:
+        """Adaptive β (toward a target KL) and adaptive entropy bonus (toward a target entropy)."""
+        alg, out = self.config.algorithm, {}
+        if alg.kl.coef > 0:
+            kl = update.get("kl")
+            if kl is None:  # KL in the reward: measure it on the behaviour policy
+                from groupwise.algorithms import KL_ESTIMATORS
+
+                m = batch.completion_mask
+                kl = float((KL_ESTIMATORS.get(alg.kl.estimator)(batch.old_logprobs, batch.ref_logprobs) * m).sum() / m.sum().clamp(min=1))
+                out["kl"] = kl
+            coef = self.kl_controller.update(kl, n_steps=batch.num_rows)
+            self.parts.kl_coef = coef if alg.kl.placement == "loss" else 0.0
+            out["kl_coef"] = coef
+        if self.entropy_controller is not None:
+            self.entropy_controller.update(update["entropy"])
+            self.parts.entropy_coef = self.entropy_controller.applied_coef(update["entropy"])
+            out["entropy_coef"] = self.parts.entropy_coef
+        return out
 
     def _collect(self) -> tuple[ScoredGroups, dict[str, Any]]:
         """Generate and score `prompts_per_step` groups. Under dynamic sampling (DAPO) keep only
@@ -209,7 +276,7 @@ class Trainer:
             times["scoring"] += time.perf_counter() - t1
             if not ds.enabled:
                 return part, {"times": times}
-            informative = (~zero_variance_groups(totals, rollout.group_id.cpu())).tolist()
+            informative = dynamic_sampling_keep(totals, rollout.group_id.cpu()).tolist()
             keep = [g for g in range(want) if informative[g]]
             drop = [g for g in range(want) if not informative[g]]
             if keep:
@@ -223,17 +290,16 @@ class Trainer:
         metrics = {"dynamic_sampling/rounds": float(round_index + 1), "dynamic_sampling/kept_fraction": n_kept / (want * (round_index + 1))}
         return merged, {"times": times, **metrics}
 
-    def _train_batch(self, rollout: RolloutBatch, advantages: torch.Tensor, row_mask: torch.Tensor | None) -> TrainBatch:
+    def _train_batch(self, rollout: RolloutBatch) -> TrainBatch:
+        """The update's inputs; advantages are filled in once the estimator has run."""
         mask = rollout.completion_mask.float()
         if self.config.algorithm.mask_truncated_completions:
             mask = mask_truncated_completions(mask, rollout.finished)
-        if row_mask is not None:  # rows an estimator excludes from the loss (e.g. MC-GRPO's pivot)
-            mask = mask * row_mask.to(mask.dtype).unsqueeze(-1)
         return TrainBatch(
             input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], 1),
             attention_mask=torch.cat([rollout.prompt_mask, rollout.completion_mask], 1),
             completion_mask=mask,
-            advantages=advantages,
+            advantages=torch.zeros(mask.shape[0], device=mask.device),
             old_logprobs=None,
             ref_logprobs=None,
             max_completion_length=self.config.rollout.max_new_tokens,
@@ -243,7 +309,8 @@ class Trainer:
     def _behaviour_and_reference_logprobs(self, batch: TrainBatch) -> None:
         """π_old is needed only when the policy moves before the last use of the batch (μ > 1 or
         several mini-batches); otherwise the detached current log-probs serve (ratio ≡ 1), as in TRL."""
-        needs_old = self.optimizer_steps_per_step > 1
+        kl = self.config.algorithm.kl
+        needs_old = self.optimizer_steps_per_step > 1 or (kl.coef > 0 and kl.placement == "reward")
         if not needs_old and self.ref_model is None and not (self.config.algorithm.kl.coef > 0):
             return
         micro = self.config.optimizer.micro_batch_size or batch.num_rows
@@ -283,10 +350,12 @@ class Trainer:
                     mb = mini_batch.select(rows)
                     logp, entropy = completion_logprobs(
                         self.model, mb.input_ids, mb.attention_mask, mb.completion_mask,
-                        temperature=cfg.rollout.temperature, with_entropy=True, entropy_grad=alg.entropy_coef > 0,
+                        temperature=cfg.rollout.temperature, with_entropy=True, entropy_grad=self.parts.entropy_coef > 0,
                     )
                     old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
-                    out = policy_objective(self.parts, logp, old, mb.advantages, mb.completion_mask, counts, ref_logp=mb.ref_logprobs, entropy=entropy)
+                    mask = self._token_mask(mb, entropy)
+                    sums["tokens_before_token_masks"] += float(mb.completion_mask.sum())
+                    out = policy_objective(self.parts, logp, old, mb.advantages, mask, counts, ref_logp=mb.ref_logprobs, entropy=entropy)
                     out.loss.backward()
                     step_loss += float(out.loss.detach())
                     for k, v in out.sums.items():
@@ -307,6 +376,7 @@ class Trainer:
             "entropy": sums["entropy"] / tokens,
             "lr": float(self.scheduler.get_last_lr()[0]),
             "optimizer_steps": float(len(losses)),
+            "token_mask/kept_fraction": sums["tokens"] / max(sums["tokens_before_token_masks"], 1.0),
         }
         if "kl" in sums:
             out["kl"] = sums["kl"] / tokens

@@ -134,3 +134,8 @@ def compute_advantages(
 ) -> torch.Tensor:
     """Look up an estimator by name and apply it with exactly the options it takes."""
     return ADVANTAGES.get(name)(rewards.float(), group_id, ctx if ctx is not None else AdvantageContext(), **options)
+
+
+# The rest of the family (Lite PPO, REINFORCE++, OPO, GPG, pass@k, MC-GRPO, NGRPO, BNPO, Stratified,
+# DCPO-SAS) lives in a sibling module that registers into ADVANTAGES; importing it here registers it.
+from groupwise.algorithms import advantages_family as _advantages_family  # noqa: E402,F401

@@ -56,6 +56,24 @@ def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
     return seq.expand_as(logp)
 
 
+@RATIO_LEVELS.register("geometric")
+def geometric_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Geometric mean of the token ratios over the sequence (GMPO's ratio, without its clip), broadcast.
+
+    Paper: "Geometric-Mean Policy Optimization" (Zhao et al., arXiv 2507.20673).
+
+        log w_i = (1/|o_i|) Σ_t m_t (log π_θ(o_t) − log π_old(o_t)),   w_i = (Π_t w_t)^(1/|o_i|)
+
+    This equals GSPO's `sequence` ratio (a geometric mean is exp of a mean log), so the two names
+    give identical numbers and gradients; `geometric` exists so GMPO recipes can name it.
+    GMPO's defining clip is sign-aware: each token's log-ratio is clipped only on the side the
+    advantage pushes it (`min(x, ε_high)` for A > 0, `max(x, −ε_low)` for A < 0). A ratio level does
+    not see the advantages, so that clip lives in the surrogate `gmpo` (which takes `eps_low` /
+    `eps_high` and does the mean itself): use `ratio_level: token` with `loss: gmpo` for GMPO.
+    """
+    return sequence_log_ratio(logp, old_logp, mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Surrogates
 # ---------------------------------------------------------------------------------------------
@@ -160,3 +178,8 @@ def constant_normalized(loss: torch.Tensor, mask: torch.Tensor, counts: StepCoun
         L = Σ_i Σ_t m_it ℓ_it / (#rows_step · max_completion_length)
     """
     return _masked(loss, mask).sum() / max(counts.num_rows * counts.max_completion_length, 1)
+
+
+# The other surrogates (dual_clip, two_sided, cispo, sapo, gmpo, dcpo, reinforce/gpg, clip_cov,
+# kl_cov, disco) live in `surrogates.py` and register into POLICY_LOSSES on import.
+from groupwise.algorithms import surrogates as _surrogates  # noqa: E402,F401  (registration side effect)

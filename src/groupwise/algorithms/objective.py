@@ -36,8 +36,8 @@ class ObjectiveParts:
             surrogate=POLICY_LOSSES.get(alg.loss),
             aggregation=AGGREGATIONS.get(alg.aggregation),
             surrogate_options=alg.loss_kwargs(),
-            kl_coef=alg.kl.coef,
-            kl_estimator=KL_ESTIMATORS.get(alg.kl.estimator) if alg.kl.coef > 0 else None,
+            kl_coef=alg.kl.coef if alg.kl.placement == "loss" else 0.0,
+            kl_estimator=KL_ESTIMATORS.get(alg.kl.estimator) if alg.kl.coef > 0 and alg.kl.placement == "loss" else None,
             entropy_coef=alg.entropy_coef,
         )
 

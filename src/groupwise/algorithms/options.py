@@ -2,7 +2,9 @@
 
 Two ways to set an option: a flat field shared by many parts (`algorithm.eps_high`, like TRL's
 `epsilon_high`) or the part's own mapping (`algorithm.loss_options: {delta: 4.0}`). A flat field
-the user set explicitly, or a mapping key, that the selected part does not take is refused by name.
+reaches the part only when the user set it, so each part keeps its own published defaults
+(CISPO's ε_high = 4, GMPO's 0.4); setting `eps_low` alone also sets `eps_high` (TRL's rule).
+A flat field the user set, or a mapping key, that the selected part does not take is refused.
 """
 from __future__ import annotations
 
@@ -36,11 +38,14 @@ def resolve_options(
     takes = part_options(fn)
     known = ", ".join(takes) or "none"
     options: dict[str, Any] = {}
+    explicit = section.model_fields_set
     for field, option in flat.items():
-        if option in takes:
-            options[option] = section.resolved(field) if hasattr(section, "resolved") else getattr(section, field)
-        elif field in section.model_fields_set:
+        given = field in explicit or (field == "eps_high" and "eps_low" in explicit)
+        if not given:
+            continue
+        if option not in takes:
             raise ValueError(f"algorithm.{field} does not apply to {kind} '{name}' (its options: {known})")
+        options[option] = section.resolved(field) if hasattr(section, "resolved") else getattr(section, field)
     for key, value in getattr(section, explicit_key).items():
         if key not in takes:
             raise ValueError(f"algorithm.{explicit_key}.{key} does not apply to {kind} '{name}' (its options: {known})")
