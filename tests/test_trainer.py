@@ -205,7 +205,7 @@ def test_compare_trains_each_recipe_on_the_same_base(tmp_path, capsys):
 
 def test_compare_refuses_an_unknown_recipe_before_training(capsys):
     assert main(["compare", "grpo", "no_such_recipe", "--steps", "1"]) == 2
-    assert "recipe 'no_such_recipe' is neither a file nor a known recipe; known: bnpo, cispo, dapo" in capsys.readouterr().err
+    assert "recipe 'no_such_recipe' is neither a file nor a known recipe; known: bnpo, cispo, d3s, dapo" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (__import__("pathlib").Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")))
@@ -217,6 +217,10 @@ def test_every_recipe_runs_a_step_on_the_builtin_model(recipe, tmp_path):
     overrides = small_overrides(tmp_path / "run", **{"schedule.steps": 1})
     if recipe != "builtin":
         overrides = [o for o in overrides if not o.startswith("rollout.num_generations")]
+    if recipe == "open_rs":  # a real-GPU recipe: point it at the built-in model and task
+        overrides += ["model.path=builtin", "model.dtype=float32", "data.train=builtin:arithmetic", "data.chat_template=auto",
+                      "data.column_map={}", "data.max_prompt_length=48", "rollout.num_generations=2", "optimizer.micro_batch_size=4",
+                      "schedule.warmup_steps=0"]
     assert main(["train", str(path), *sum((["--set", o] for o in overrides), [])]) == 0
 
 
@@ -230,6 +234,8 @@ def test_dynamic_sampling_keeps_informative_groups(small_config):
         if row["dynamic_sampling/rounds"] < 3:  # the batch filled before the cap: every group is informative
             assert row["frac_reward_zero_std"] == 0.0
         assert row["tokens_generated"] > 0
+        if row["dynamic_sampling/rounds"] > 1:  # discarded rounds count: more tokens than the batch holds
+            assert row["tokens_generated"] > row["completion_length/mean"] * 16
 
 
 def test_select_and_concatenate_groups_keep_rows_aligned():

@@ -118,6 +118,24 @@ def step_metrics(rollout, scores, rewards, advantages, accuracy_index: int, corr
     return m
 
 
+def sample_records(rollout, scores, n: int) -> list[dict[str, Any]]:
+    """The first n completions with their prompt, per-function rewards and finished flag."""
+    out = []
+    for row in range(min(n, rollout.num_completions)):
+        prompt = rollout.prompt_of_row(row)
+        out.append({
+            "prompt": prompt.as_reward_input,
+            "completion": rollout.completions_text[row],
+            "rewards": {name: _none_if_nan(float(scores.values[row, k])) for k, name in enumerate(scores.names)},
+            "finished": bool(rollout.finished[row]),
+        })
+    return out
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x != x else x
+
+
 class Progress:
     """A live bar with reward and accuracy (rich in a terminal, plain lines otherwise)."""
 

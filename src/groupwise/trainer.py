@@ -31,7 +31,7 @@ from groupwise.data import UniformSampler, render_prompt
 from groupwise.data.sources import load_eval_prompts, load_train_prompts
 from groupwise.errors import RunDirError
 from groupwise.evaluation import accuracy_index, evaluate, score_rollout
-from groupwise.metrics import MetricsLogger, Progress, step_metrics, truncate_jsonl_after_step
+from groupwise.metrics import MetricsLogger, Progress, sample_records, step_metrics, truncate_jsonl_after_step
 from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, trainable_parameters
 from groupwise.model.logprobs import completion_logprobs
 from groupwise.optim import build_optimizer, build_scheduler
@@ -124,7 +124,7 @@ class Trainer:
             self.parts.kl_coef = self.kl_controller.coef if cfg.algorithm.kl.placement == "loss" else 0.0
             for name in ("metrics.jsonl", "samples.jsonl"):
                 truncate_jsonl_after_step(self.run_dir / name, self.step)
-        _atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
+        ckpt.atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard)
 
     # ------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ class Trainer:
             update["filtered_fraction"] = float(1.0 - row_keep.float().mean())
 
         if cfg.logging.samples_every and (self.step + 1) % cfg.logging.samples_every == 0:
-            self.logger.log_samples(self.step + 1, _samples(rollout, scores, cfg.logging.num_samples))
+            self.logger.log_samples(self.step + 1, sample_records(rollout, scores, cfg.logging.num_samples))
         times = {**collect_metrics.pop("times"), "prepare": t2 - t1, "update": t3 - t2, "step": t3 - t0}
         metrics = step_metrics(rollout, scores, rewards, advantages, self.accuracy_index, cfg.rewards.correct_threshold, times)
         metrics.update(update)
@@ -260,6 +260,7 @@ class Trainer:
         cfg = self.config
         want, ds = cfg.rollout.prompts_per_step, cfg.algorithm.dynamic_sampling
         kept, dropped, n_kept, times = [], [], 0, {"generation": 0.0, "scoring": 0.0}
+        generated = 0.0  # every generated token, discarded rounds included: the honest compute count
         rounds = ds.max_rounds if ds.enabled else 1
         for round_index in range(rounds):
             t0 = time.perf_counter()
@@ -269,6 +270,7 @@ class Trainer:
             seed = _step_seed(cfg.seed, self.step, 1 + 1000 * round_index)
             rollout = self.engine.generate(prompts, texts, cfg.rollout.num_generations, self.sampling, seed=seed)
             t1 = time.perf_counter()
+            generated += float(rollout.completion_lengths.sum())
             part = ScoredGroups(rollout, score_rollout(self.rewards, rollout, trainer_state={"step": self.step}))
             totals = part.scores.total()
             self.sampler.update(indices, totals.view(want, -1).tolist())
@@ -287,7 +289,10 @@ class Trainer:
             if n_kept >= want:
                 break
         merged = ScoredGroups.concatenate(kept + dropped, self.engine.pad_id).select_groups(list(range(want)))
-        metrics = {"dynamic_sampling/rounds": float(round_index + 1), "dynamic_sampling/kept_fraction": n_kept / (want * (round_index + 1))}
+        metrics = {
+            "dynamic_sampling/rounds": float(round_index + 1), "dynamic_sampling/kept_fraction": n_kept / (want * (round_index + 1)),
+            "tokens_generated": generated, "tokens_per_second": generated / max(times["generation"], 1e-9),
+        }
         return merged, {"times": times, **metrics}
 
     def _train_batch(self, rollout: RolloutBatch) -> TrainBatch:
@@ -381,29 +386,6 @@ class Trainer:
         if "kl" in sums:
             out["kl"] = sums["kl"] / tokens
         return out
-
-
-def _samples(rollout: RolloutBatch, scores, n: int) -> list[dict[str, Any]]:
-    out = []
-    for row in range(min(n, rollout.num_completions)):
-        prompt = rollout.prompt_of_row(row)
-        out.append({
-            "prompt": prompt.as_reward_input,
-            "completion": rollout.completions_text[row],
-            "rewards": {name: _none_if_nan(float(scores.values[row, k])) for k, name in enumerate(scores.names)},
-            "finished": bool(rollout.finished[row]),
-        })
-    return out
-
-
-def _none_if_nan(x: float) -> float | None:
-    return None if x != x else x
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def train(config: Config | dict | str | Path | None = None, *, resume: bool = False) -> TrainResult:
