@@ -139,3 +139,4 @@ def compute_advantages(
 # The rest of the family (Lite PPO, REINFORCE++, OPO, GPG, pass@k, MC-GRPO, NGRPO, BNPO, Stratified,
 # DCPO-SAS) lives in a sibling module that registers into ADVANTAGES; importing it here registers it.
 from groupwise.algorithms import advantages_family as _advantages_family  # noqa: E402,F401
+from groupwise.algorithms import advantages_stateful as _advantages_stateful  # noqa: E402,F401
