@@ -62,7 +62,7 @@ def test_every_compatible_combination_takes_a_step(setup, advantage, ratio_level
         old = logp.detach() - 0.05 * torch.linspace(-1, 1, logp.numel()).view_as(logp) * mask   # a moved policy
         parts = ObjectiveParts(ratio_level=RATIO_LEVELS.get(ratio_level), surrogate=POLICY_LOSSES.get(loss),
                                aggregation=AGGREGATIONS.get(aggregation), surrogate_options=LOSS_OPTIONS.get(loss, {}))
-        out = policy_objective(parts, logp, old, adv, mask, StepCounts.of(mask, 4), entropy=entropy)
+        out = policy_objective(parts, logp, old, adv, mask, StepCounts.of(mask, 4), entropy=entropy, group_id=b["group_id"])
         assert torch.isfinite(out.loss)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         opt.zero_grad()

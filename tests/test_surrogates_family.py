@@ -370,7 +370,7 @@ class TestDisco:
     def test_logl_sign_with_active_constraint(self):
         logp = t([-1.0, -2.0]).requires_grad_()
         old = t([-1.2, -1.8])
-        out = disco_loss(logp - old, t([0.5, 0.5]), logp, old_logp=old, mask=t([1, 1]), delta=0.01, beta=10.0)
+        out = disco_loss(logp - old, t([0.5, 0.5]), logp, old_logp=old, mask=t([1, 1]), weighting="sign", delta=0.01, beta=10.0)
         coef = 10 * (0.020066755619075838 - 0.01)
         # ℓ = −1·logp + coef·kl = [1 + 0.10066756·0.02140276, 2 + 0.10066756·0.01873075] = [1.00215456, 2.00188560]
         close(out.loss, [1.0 + coef * 0.0214027581601699, 2.0 + coef * 0.018730753077981777])
@@ -391,7 +391,7 @@ class TestDisco:
         # advantage, logL: −A·logp = [2, −6, 0]
         close(disco_loss(x, adv, logp, old_logp=logp, weighting="advantage").loss, [2.0, -6.0, 0.0])
         # sign, Lratio: −sign(A)·w = [−1, 1, 0] at w = 1
-        close(disco_loss(x, adv, logp, old_logp=logp, score="Lratio").loss, [-1.0, 1.0, 0.0])
+        close(disco_loss(x, adv, logp, old_logp=logp, score="Lratio", weighting="sign").loss, [-1.0, 1.0, 0.0])
 
     def test_bad_options(self):
         with pytest.raises(ValueError, match="score"):
@@ -434,7 +434,7 @@ SURROGATE_CASES = {
     "reinforce": {},
     "clip_cov": {"eps_low": 0.2, "eps_high": 0.28, "clip_cov_ratio": 0.3, "clip_cov_lb": -0.5, "clip_cov_ub": 5.0},
     "kl_cov": {"kl_cov_ratio": 0.3, "ppo_kl_coef": 0.5},
-    "disco": {"delta": 0.0, "beta": 2.0},
+    "disco": {"weighting": "sign", "delta": 0.0, "beta": 2.0},
     "disco_lratio_adv": {"score": "Lratio", "weighting": "advantage", "delta": 0.0, "beta": 2.0},
 }
 
@@ -630,7 +630,7 @@ def test_on_policy_gradient_of_gmpo_and_disco():
 
     lp2 = lp.detach().clone().requires_grad_()
     a2 = t([[0.5, 0.5, 0.5], [-2.0, -2.0, -2.0]])
-    out = disco_loss(lp2 - lp2.detach(), a2, lp2, old_logp=lp2.detach(), mask=mask, delta=1e-4, beta=1e3)
+    out = disco_loss(lp2 - lp2.detach(), a2, lp2, old_logp=lp2.detach(), mask=mask, weighting="sign", delta=1e-4, beta=1e3)
     out.loss.sum().backward()
     close(lp2.grad, [[-1.0] * 3, [1.0] * 3])
 
@@ -665,3 +665,53 @@ def test_straight_through_kl_has_kn_value_and_k2_gradient(seed, n, name):
     torch.testing.assert_close(plus.detach(), KL_ESTIMATORS.get(name)(lp0, ref), atol=0, rtol=0)
     plus.sum().backward()
     torch.testing.assert_close(lp.grad, lp0 - ref, atol=1e-12, rtol=1e-12)   # ∇½(lp − ref)² = lp − ref
+
+
+# ---------------------------------------------------------------------------------------------
+# DisCO's per-question weights (group ids from the trainer)
+# ---------------------------------------------------------------------------------------------
+
+def _disco_grad(adv_rows, group, lp_rows=None, **kw):
+    from groupwise.algorithms.surrogates import disco_loss
+
+    n = len(adv_rows)
+    a = torch.tensor(adv_rows).unsqueeze(-1).expand(n, 2)
+    base = torch.zeros(n, 1) if lp_rows is None else torch.tensor(lp_rows).unsqueeze(-1)
+    lp = base.expand(n, 2).clone().requires_grad_(True)
+    out = disco_loss(lp - lp.detach(), a, lp, old_logp=lp.detach(), mask=torch.ones(n, 2), group_id=torch.tensor(group), **kw)
+    out.loss.sum().backward()
+    return (-lp.grad[:, 0]).tolist()
+
+
+def test_disco_question_weights_by_hand():
+    # q0 = rows 0-3: A = (+, +, −, 0): |q| 4, n⁺ 2, n⁻ 1 → c = 4/2, 4/2, −4/1, 0
+    # q1 = rows 4-7: A = (+, −, −, −): n⁺ 1, n⁻ 3 → c = 4, −4/3, −4/3, −4/3
+    c = _disco_grad([1.0, 1.0, -1.0, 0.0, 1.0, -1.0, -1.0, -1.0], [0, 0, 0, 0, 1, 1, 1, 1])
+    assert c == pytest.approx([2.0, 2.0, -4.0, 0.0, 4.0, -4 / 3, -4 / 3, -4 / 3])
+
+
+def test_disco_tau_weights_negatives_by_softmax_of_their_scores():
+    # q1 negatives have s = −1, −2, 0 → softmax(s/1) · |q| = 4·e^s / (e^−1 + e^−2 + e^0)
+    c = _disco_grad([1.0, 1.0, -1.0, 0.0, 1.0, -1.0, -1.0, -1.0], [0, 0, 0, 0, 1, 1, 1, 1],
+                    lp_rows=[0.0, 0.0, -1.0, 0.0, 0.0, -1.0, -2.0, 0.0], tau=1.0)
+    z = math.exp(-1) + math.exp(-2) + 1.0
+    assert c[5:] == pytest.approx([-4 * math.exp(-1) / z, -4 * math.exp(-2) / z, -4 / z])
+    assert c[:5] == pytest.approx([2.0, 2.0, -4.0, 0.0, 4.0]), "one negative, or positives: unchanged by τ"
+
+
+def test_disco_question_weighting_needs_group_ids_and_tau_needs_it():
+    from groupwise.algorithms.surrogates import disco_loss
+
+    x = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="needs the rows' group ids"):
+        disco_loss(x, x + 1, x, old_logp=x, mask=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="tau must be > 0 and needs weighting 'question'"):
+        disco_loss(x, x + 1, x, old_logp=x, mask=torch.ones(2, 2), weighting="sign", tau=1.0)
+
+
+def test_group_aware_loss_needs_group_aligned_batches():
+    from groupwise.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="optimizer.micro_batch_size \\(12\\) must be a multiple of rollout.num_generations \\(8\\)"):
+        load_config(None, ["algorithm.loss=disco", "optimizer.micro_batch_size=12"])
+    load_config(None, ["algorithm.loss=disco", "optimizer.micro_batch_size=16", "algorithm.mini_batches=2"])

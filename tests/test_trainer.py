@@ -72,9 +72,10 @@ def test_run_dir_is_never_overwritten(small_config):
         {"algorithm.kl.coef": 0.05, "algorithm.kl.placement": "reward", "algorithm.kl.estimator": "k1"},
         {"algorithm.gfpo.keep": 2, "algorithm.d3s.token_ratio": 0.5},
         {"algorithm.d3s.samples_per_group": 2, "algorithm.advantage": "mc_grpo", "rollout.num_generations": 5},
+        {"algorithm.loss": "disco", "algorithm.loss_options": "{tau: 1.0}", "algorithm.mini_batches": 2, "optimizer.micro_batch_size": 4},
     ],
     ids=["mu2-minibatches2-accum", "kl-entropy", "rloo-gspo-token_mean", "drgrpo-constant-cosine",
-         "adaptive-kl-entropy-8020", "kl-in-reward", "gfpo-d3s-tokens", "d3s-samples-mcgrpo"],
+         "adaptive-kl-entropy-8020", "kl-in-reward", "gfpo-d3s-tokens", "d3s-samples-mcgrpo", "disco-per-question-tau"],
 )
 def test_options_run(small_config, extra):
     cfg = small_config(**extra)

@@ -275,6 +275,15 @@ def _check_consistency(cfg: Config) -> None:
         )
     mini = n // alg.mini_batches
     mb = cfg.optimizer.micro_batch_size
+    from groupwise.algorithms import POLICY_LOSSES
+    from groupwise.algorithms.options import takes_group_id
+
+    if alg.loss in POLICY_LOSSES and takes_group_id(POLICY_LOSSES.get(alg.loss)):
+        g = roll.num_generations
+        for key, size in (("completions per mini-batch", mini), ("optimizer.micro_batch_size", mb)):
+            if size is not None and size % g:
+                raise ValueError(f"algorithm.loss '{alg.loss}' compares the completions of a question, so {key} ({size}) "
+                                 f"must be a multiple of rollout.num_generations ({g})")
     if mb is not None and mini % mb:
         raise ValueError(
             f"optimizer.micro_batch_size ({mb}) must divide the completions per mini-batch ({mini} = "

@@ -308,6 +308,7 @@ class Trainer:
             old_logprobs=None,
             ref_logprobs=None,
             max_completion_length=self.config.rollout.max_new_tokens,
+            group_id=rollout.group_id,
         )
 
     @torch.no_grad()
@@ -345,7 +346,10 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         grad_norms, losses = [], []
         for _ in range(alg.num_iterations):
-            order = torch.randperm(n, generator=shuffle) if (alg.shuffle_mini_batches and alg.mini_batches > 1) else torch.arange(n)
+            order = torch.arange(n)
+            if alg.shuffle_mini_batches and alg.mini_batches > 1:  # shuffle whole groups (contiguous, size G)
+                g = cfg.rollout.num_generations
+                order = (torch.randperm(n // g, generator=shuffle).unsqueeze(-1) * g + torch.arange(g)).flatten()
             for mini_rows in order.to(self.device).split(mini):
                 mini_batch = batch.select(mini_rows)
                 counts = StepCounts.of(mini_batch.completion_mask, batch.max_completion_length)
@@ -360,7 +364,8 @@ class Trainer:
                     old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
                     mask = self._token_mask(mb, entropy)
                     sums["tokens_before_token_masks"] += float(mb.completion_mask.sum())
-                    out = policy_objective(self.parts, logp, old, mb.advantages, mask, counts, ref_logp=mb.ref_logprobs, entropy=entropy)
+                    out = policy_objective(self.parts, logp, old, mb.advantages, mask, counts, ref_logp=mb.ref_logprobs, entropy=entropy,
+                                           group_id=mb.group_id)
                     out.loss.backward()
                     step_loss += float(out.loss.detach())
                     for k, v in out.sums.items():

@@ -168,6 +168,7 @@ class TrainBatch:
     old_logprobs: torch.Tensor | None     # [N, Tc] behaviour policy; None ⇒ detached current (μ=1, one step)
     ref_logprobs: torch.Tensor | None     # [N, Tc] reference policy, only when a KL term is on
     max_completion_length: int            # the configured limit (Dr. GRPO's constant)
+    group_id: torch.Tensor | None = None  # [N] for group-aware surrogates (DisCO); groups contiguous
 
     @property
     def num_rows(self) -> int:
@@ -188,4 +189,5 @@ class TrainBatch:
             old_logprobs=take(self.old_logprobs),
             ref_logprobs=take(self.ref_logprobs),
             max_completion_length=self.max_completion_length,
+            group_id=take(self.group_id),
         )

@@ -8,13 +8,20 @@ micro-batch losses of one optimizer step add up to the step's loss (see `losses.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from groupwise.algorithms.losses import AGGREGATIONS, POLICY_LOSSES, RATIO_LEVELS, StepCounts
+from groupwise.algorithms.options import takes_group_id
 from groupwise.algorithms.regularizers import KL_ESTIMATORS
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_group_id(fn: Callable[..., Any]) -> bool:
+    return takes_group_id(fn)
 
 
 @dataclass
@@ -57,6 +64,7 @@ def policy_objective(
     counts: StepCounts,
     ref_logp: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    group_id: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """One micro-batch's share of the optimizer step's loss.
 
@@ -67,7 +75,10 @@ def policy_objective(
     adv = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == 1 else advantages
     adv = adv.to(logp.dtype)
     log_ratio = parts.ratio_level(logp, old_logp, mask)
-    out = parts.surrogate(log_ratio, adv, logp, old_logp=old_logp, mask=mask, **parts.surrogate_options)
+    runtime = {"old_logp": old_logp, "mask": mask}
+    if _takes_group_id(parts.surrogate):  # group-aware surrogates (DisCO) see which rows form a question
+        runtime["group_id"] = group_id
+    out = parts.surrogate(log_ratio, adv, logp, **runtime, **parts.surrogate_options)
     per_token = out.loss
     kl = None
     if parts.kl_estimator is not None:

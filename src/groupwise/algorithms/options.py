@@ -12,11 +12,16 @@ import inspect
 from typing import Any, Callable
 
 # Parameters every part of a kind receives from the trainer, not from the config.
-_RUNTIME = {"ctx", "old_logp", "mask"}
+_RUNTIME = {"ctx", "old_logp", "mask", "group_id"}
 
 # flat config field → option name, per kind of part
 FLAT_ADVANTAGE_OPTIONS = {"advantage_eps": "eps", "std_unbiased": "std_unbiased"}
 FLAT_LOSS_OPTIONS = {"eps_low": "eps_low", "eps_high": "eps_high"}
+
+
+def takes_group_id(fn: Callable[..., Any]) -> bool:
+    """Whether a surrogate asks for the rows' group ids (then micro-batches must hold whole groups)."""
+    return "group_id" in inspect.signature(fn).parameters
 
 
 def part_options(fn: Callable[..., Any]) -> dict[str, Any]:

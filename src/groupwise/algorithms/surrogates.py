@@ -485,6 +485,33 @@ def kl_cov_loss(
 # DisCO
 # ---------------------------------------------------------------------------------------------
 
+def _disco_question_weights(
+    advantages: torch.Tensor, valid: torch.Tensor, group_id: torch.Tensor, score: torch.Tensor, tau: float | None
+) -> torch.Tensor:
+    """Per-row weight c_i of DisCO's per-question objective (vectorized over questions).
+
+    Positives (A > 0) get |q|/n⁺_q, negatives (A < 0) get −|q|/n⁻_q, or with τ the negatives get
+    −|q|·softmax_{o⁻∈q}(s(o⁻)/τ), the gradient of τ log E exp(s(o⁻)/τ). |q| = the question's trainable
+    rows, so that a sequence-mean aggregation over N = Σ|q| rows gives the mean over questions.
+    """
+    gid = group_id.long()
+    ng = int(gid.max()) + 1
+    row_valid = valid.any(-1)
+    a_row = (advantages * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+    pos, neg = row_valid & (a_row > 0), row_valid & (a_row < 0)
+    count = lambda m: torch.zeros(ng, dtype=score.dtype, device=score.device).index_add_(0, gid, m.to(score.dtype))  # noqa: E731
+    size, n_pos, n_neg = count(row_valid), count(pos), count(neg)
+    w_pos = size[gid] / n_pos[gid].clamp(min=1)
+    if tau is None:
+        w_neg = size[gid] / n_neg[gid].clamp(min=1)
+    else:
+        z = torch.where(neg, score / tau, torch.full_like(score, -torch.inf))
+        zmax = torch.full((ng,), -torch.inf, dtype=score.dtype, device=score.device).scatter_reduce(0, gid, z, reduce="amax")
+        e = torch.where(neg, torch.exp(z - zmax[gid]), torch.zeros_like(score))
+        w_neg = size[gid] * e / count(e)[gid].clamp(min=1e-30)
+    return torch.where(pos, w_pos, torch.zeros_like(w_pos)) - torch.where(neg, w_neg, torch.zeros_like(w_neg))
+
+
 @POLICY_LOSSES.register("disco")
 def disco_loss(
     log_ratio: torch.Tensor,
@@ -493,56 +520,63 @@ def disco_loss(
     *,
     old_logp: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    group_id: torch.Tensor | None = None,
     score: str = "logL",
-    weighting: str = "sign",
+    weighting: str = "question",
+    tau: float | None = None,
     delta: float = 1e-4,
     beta: float = 1e3,
 ) -> SurrogateOutput:
-    """DisCO (basic form) mapped to per-token losses: raise positives' scores, lower negatives', with a
-    squared-hinge KL trust region instead of clipping.
+    """DisCO: raise positives' scores and lower negatives', per question, with a squared-hinge KL
+    trust region instead of clipping.
 
     Paper: "DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained Optimization"
     (Li et al., arXiv 2505.12366); reference code github.com/Optimization-AI/DisCO and verl's DisCO
     recipe (`score_func` logL | Lratio, delta 1e-4, beta 1e3).
 
-        s(o)   = (1/|o|) Σ_t f_t,   f_t = log π_θ(o_t) ("logL")  or  w_t ("Lratio")
-        c_i    = sign(A_i) ("sign", default)  or  A_i ("advantage")
-        kl_t   = w_t − 1 − log w_t,   w_t = π_θ(o_t)/π_old(o_t)   (k3 of KL(π_old ‖ π_θ), token level)
-        KL̄     = mean of kl_t over the valid tokens of this call
-        ℓ_t    = −c_i f_t + sg(β · max(KL̄ − δ, 0)) · kl_t
+        s(o)    = (1/|o|) Σ_t f_t,   f_t = log π_θ(o_t) ("logL")  or  w_t ("Lratio")
+        J_q     = mean_{o⁺∈q} s(o⁺) − mean_{o⁻∈q} s(o⁻)                          (DisCO-b, tau null)
+        J_q     = mean_{o⁺∈q} s(o⁺) − τ log mean_{o⁻∈q} exp(s(o⁻)/τ)             (DisCO, tau set)
+        kl_t    = w_t − 1 − log w_t,   w_t = π_θ(o_t)/π_old(o_t)   (k3 of KL(π_old ‖ π_θ))
+        ℓ_t     = −c_i f_t + sg(β · max(KL̄ − δ, 0)) · kl_t
+        c_i     = |q|/n⁺_q (o_i positive),  −|q|/n⁻_q or −|q|·softmax_{o⁻∈q}(sg s/τ) (o_i negative)
 
-    With `seq_mean_token_mean` aggregation the first term is −mean_i c_i s(o_i): the paper's
-    discriminative objective E[s(o⁺)] − E[s(o⁻)] with positives = A > 0 and negatives = A < 0
-    (zero-advantage rows, e.g. all-correct or all-wrong groups, drop out as the paper's filter
-    does). With `token_mean` and the whole step in one micro-batch, the second term is exactly the
-    reference code's `sg(β·[KL̄ − δ]₊)·KL̄`, whose gradient is that of (β/2)[KL̄ − δ]₊² (the paper's
-    squared-hinge penalty up to the factor ½ the code drops).
-    Not faithful, because a surrogate sees tokens, not groups: (1) the per-question means over
-    positives and over negatives (each positive weighted 1/n⁺, each negative 1/n⁻) need group
-    membership: "sign" weights every sample 1, so a question's side with more samples weighs more;
-    "advantage" weights by A, which with `dr_grpo` advantages and binary rewards equals DisCO-b
-    times n⁺n⁻/G per question, i.e. reintroduces the difficulty weighting DisCO removes; (2) the
-    full DisCO's log-sum-exp over a question's negatives, τ log E exp(s(o⁻)/τ), needs the group
-    too and is not implemented (no `tau`); (3) KL̄ is per micro-batch and per rank (the reference
-    code gathers the whole batch), so with several micro-batches the penalty's coefficient is
-    computed per micro-batch. `kl_t` uses log π_θ − log π_old whatever the ratio level; "Lratio"
-    uses the ratio level's w.
+    Positives are rows with A > 0, negatives A < 0 (with binary rewards: correct / wrong in a mixed
+    question; all-correct and all-wrong questions have A = 0 and drop out, as in the paper). With
+    `seq_mean_token_mean` aggregation, −mean_i c_i s(o_i) = −mean_q J_q: the paper's objective.
+    `weighting: question` (default) needs the rows' group ids, which the trainer passes; the config
+    then requires micro- and mini-batches that hold whole groups. `sign` (c_i = sign A_i) and
+    `advantage` (c_i = A_i) need no groups and are kept for comparison.
+    With τ the negative weights are the softmax's stop-gradient, so the gradient is exact and the
+    reported loss value is its linearization. The KL term: with `token_mean` and the whole step in
+    one micro-batch it is the reference code's sg(β·[KL̄ − δ]₊)·KL̄, whose gradient is that of
+    (β/2)[KL̄ − δ]₊² (the paper's squared hinge up to the factor ½ the code drops); KL̄ is computed per
+    micro-batch. `kl_t` uses log π_θ − log π_old whatever the ratio level; "Lratio" uses the ratio
+    level's w.
     Flags: the KL constraint is active (KL̄ > δ), broadcast: `clipped_low` on A < 0 tokens,
     `clipped_high` on A > 0 tokens.
     """
     old_logp = _require_old(old_logp, "disco")
     if score not in ("logL", "Lratio"):
         raise ValueError(f"disco: score must be 'logL' or 'Lratio' (got {score!r})")
-    if weighting not in ("sign", "advantage"):
-        raise ValueError(f"disco: weighting must be 'sign' or 'advantage' (got {weighting!r})")
+    if weighting not in ("question", "sign", "advantage"):
+        raise ValueError(f"disco: weighting must be 'question', 'sign' or 'advantage' (got {weighting!r})")
     if delta < 0 or beta < 0:
         raise ValueError(f"disco: delta and beta must be ≥ 0 (got {delta}, {beta})")
+    if tau is not None and (tau <= 0 or weighting != "question"):
+        raise ValueError(f"disco: tau must be > 0 and needs weighting 'question' (got tau={tau}, weighting={weighting!r})")
     f = logp if score == "logL" else _ratio(log_ratio)
-    c = torch.sign(advantages) if weighting == "sign" else advantages
+    valid = _valid(mask, f)
+    if weighting == "question":
+        if group_id is None:
+            raise ValueError("disco: weighting 'question' needs the rows' group ids (group_id)")
+        seq_score = (f.detach() * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        c = _disco_question_weights(advantages, valid, group_id, seq_score, tau).unsqueeze(-1)
+    else:
+        c = torch.sign(advantages) if weighting == "sign" else advantages
     discriminative = -c * f
     x = (logp - old_logp).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
     kl = torch.exp(x) - 1.0 - x
-    valid = _valid(mask, kl)
     kl_mean = _masked_mean(kl.detach(), valid)
     coef = torch.clamp(beta * (kl_mean - delta), min=0.0)
     loss = discriminative + coef * kl
