@@ -12,9 +12,17 @@ from typing import Any
 
 import torch
 
-# Refuse any hub access before transformers is imported anywhere in this process.
+# Refuse any hub access before transformers is imported anywhere in this process; and keep
+# transformers' own load/save progress bars out of ours.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +74,7 @@ def load_tokenizer(model_cfg: Any):
 def _load_causal_lm(path: Path, model_cfg: Any, device: torch.device):
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     kwargs: dict[str, Any] = {"dtype": _DTYPES[model_cfg.dtype], "local_files_only": True}
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
