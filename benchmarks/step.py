@@ -70,7 +70,6 @@ def run(name: str, model_path: str, overrides: list[str], steps: int, warmup: in
     rows = []
     for i in range(steps + warmup):
         m = trainer.train_step()
-        trainer.step += 1
         if i >= warmup:
             rows.append(m)
     body, head = param_counts(trainer.model)

@@ -263,3 +263,11 @@ def test_select_and_concatenate_groups_keep_rows_aligned():
     assert merged.scores.values.view(-1).tolist() == [52.0, 53.0, 2.0, 3.0]
     assert merged.rollout.prompt_ids.shape == (4, 3) and merged.rollout.prompt_mask[2:].tolist() == [[0, 1, 1]] * 2  # re-left-padded
     assert merged.rollout.completion_mask[:2].tolist() == [[1, 0, 0]] * 2  # re-right-padded
+
+
+def test_train_step_advances_the_step_and_returns_metrics(small_config):
+    trainer = Trainer(small_config(**{"schedule.steps": 2}))
+    first = trainer.train_step()
+    assert trainer.step == 1 and first["tokens_generated"] > 0
+    trainer.train_step()
+    assert trainer.step == 2

@@ -141,7 +141,6 @@ class Trainer:
                 if kill_at and self.step + 1 == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 metrics = self.train_step()
-                self.step += 1
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.eval_prompts:
                     metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
                 self.logger.log(self.step, metrics)
@@ -172,6 +171,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        """One generation round and its updates; advances `self.step` and returns the step's metrics."""
         cfg, alg = self.config, self.config.algorithm
         t0 = time.perf_counter()
 
@@ -222,6 +222,7 @@ class Trainer:
         metrics.update(update)
         metrics.update(collect_metrics)
         metrics.update(ctx.metrics)
+        self.step += 1
         return metrics
 
     def _token_mask(self, mb: TrainBatch, entropy: torch.Tensor) -> torch.Tensor:
