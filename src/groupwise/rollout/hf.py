@@ -28,6 +28,21 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row from the categorical `probs[N, V]`, by inverting its CDF.
+
+        v = min{ v : Σ_{w≤v} p_w > u · Σ_w p_w },   u ~ U[0, 1)
+
+    One uniform number per row and a float64 cumulative sum, where torch.multinomial (and the
+    exponential race) spend a random number per vocabulary entry: 28–31 ms per call for 32 rows ×
+    49k vocab on 2 CPU cores, a fifth of a 135M model's decode step. A zero-probability token
+    (top-k/top-p filtered) leaves the CDF flat, so it is never drawn.
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
 def _eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     ids = set()
     if tokenizer.eos_token_id is not None:
@@ -134,7 +149,7 @@ class HFRolloutEngine:
                 nxt = logits.argmax(-1)
             else:
                 probs = torch.softmax(filter_top_k_top_p(logits, params.top_k, params.top_p), dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                nxt = sample_categorical(probs, generator)
             is_live = ~finished
             nxt = torch.where(is_live, nxt, torch.full_like(nxt, self.pad_id))
             tokens.append(nxt)
