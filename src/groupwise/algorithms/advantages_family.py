@@ -185,8 +185,8 @@ def reinforce_pp_baseline_advantage(
     verl tiles a_i over the completion's tokens and whitens over all tokens of the batch
     (`masked_whiten`, Bessel-corrected, ε inside the square root). With `ctx.lengths` the weights are
     w_j = |o_j|, which is exactly that token-level whitening of a sequence-constant advantage; without
-    lengths w_j = 1 (sequence-level whitening). verl's ε is 1e-8; groupwise's config passes
-    `algorithm.advantage_eps` (default 1e-4). Rows of groups with fewer than two valid rewards have no
+    lengths w_j = 1 (sequence-level whitening). verl's ε is 1e-8, and so is this default;
+    `algorithm.advantage_eps` overrides it only when set. Rows of groups with fewer than two valid rewards have no
     baseline: they are left out of the whitening statistics and get 0 (verl would use a_i = r_i).
     After whitening a constant group is 0 only when m = 0 (always so with equal weights).
     """
@@ -216,7 +216,7 @@ def reinforce_pp_advantage(
     With an outcome reward only (no KL in the reward) and γ = 1 every token's return G_t equals r_i,
     so verl's token-level whitening of the returns is the weighted whitening above with w_j = |o_j|
     (`ctx.lengths`), or w_j = 1 without lengths. Groups play no role (G = 1 is fine). verl's ε is
-    1e-8; groupwise's config passes `algorithm.advantage_eps` (default 1e-4).
+    1e-8, and so is this default; `algorithm.advantage_eps` overrides it only when set.
     """
     r = rewards.double()
     valid = ~torch.isnan(r)
@@ -416,7 +416,8 @@ def ngrpo_advantage(
     R = `max_reward`, k = `num_virtual` (the reference's add_max_reward_num, default 1), n = the
     group's valid rewards; j runs over the real rows only and only real rows get an advantage. An
     all-wrong group now gets negative advantages; an all-R group still gets 0. Bessel-corrected std
-    as the reference (`torch.std`); its ε is 1e-6, groupwise's config passes advantage_eps (1e-4).
+    as the reference (`torch.std`); its ε is 1e-6; here ε defaults to 1e-4
+    (TRL's) and `algorithm.advantage_eps` overrides it when set.
     The paper's second mechanism (asymmetric clipping) is a loss option, not part of this estimator.
     """
     if int(num_virtual) != num_virtual or num_virtual < 1:

@@ -133,8 +133,8 @@ def dcpo_sas_advantage(
     prompt seen). The prompt key is `ctx.columns[key]` (default `prompt_index`): it must identify
     the prompt across steps; rows sharing a key in one batch are pooled into one group. Keys with
     fewer than two valid rewards in this step get A = 0 and no state update (the reference raises).
-    The reference's `user_old_mean_ratio` (default 1) is not exposed. ε is a threshold here; the
-    config passes advantage_eps (1e-4). Logs `dcpo_sas/revisited` (prompts with history).
+    The reference's `user_old_mean_ratio` (default 1) is not exposed. ε is a threshold here (default
+    1e-6, the reference's); `algorithm.advantage_eps` overrides it only when set. Logs `dcpo_sas/revisited` (prompts with history).
     """
     values = _column("dcpo_sas", ctx, key, rewards.numel(),
                      " — a per-row prompt identity stable across steps; set advantage_options.key to such a column")
