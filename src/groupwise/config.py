@@ -37,7 +37,14 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] | None = None
     gradient_checkpointing: bool = False
+    padding_free: bool = Field(False, description="log-probs and the update run on one packed row per micro-batch: no pad tokens (groupwise.model.packing)")
+    shared_prefix: bool = Field(False, description="Prefix Grouper: each group's prompt is encoded once in the update and the old/reference log-probs (implies padding_free)")
     lora: LoraConfig = LoraConfig()
+
+    @property
+    def sequence_layout(self) -> str:
+        """How the update lays rows out: padded, packed, or shared_prefix."""
+        return "shared_prefix" if self.shared_prefix else "packed" if self.padding_free else "padded"
 
 
 class DataConfig(_Section):

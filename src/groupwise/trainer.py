@@ -26,14 +26,15 @@ from groupwise.algorithms.controllers import AdaptiveEntropyController, Adaptive
 from groupwise.algorithms.filters import (
     d3s_sample_keep, d3s_token_mask, dynamic_sampling_keep, gfpo_keep, mask_truncated_completions, top_entropy_token_mask,
 )
-from groupwise.config import Config, build_config, default_run_dir, load_config
+from groupwise.config import Config, ConfigError, build_config, default_run_dir, load_config
 from groupwise.data import UniformSampler, render_prompt
 from groupwise.data.sources import load_eval_prompts, load_train_prompts
 from groupwise.errors import RunDirError
 from groupwise.evaluation import accuracy_index, evaluate, score_rollout
 from groupwise.metrics import MetricsLogger, Progress, sample_records, step_metrics, truncate_jsonl_after_step
-from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, trainable_parameters
+from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, resolve_model_path, trainable_parameters
 from groupwise.model.logprobs import completion_logprobs
+from groupwise.model.packing import unsupported_reason_for_path
 from groupwise.optim import build_optimizer, build_scheduler
 from groupwise.rewards import RewardRunner
 from groupwise.rollout import HFRolloutEngine, SamplingParams
@@ -84,6 +85,10 @@ class Trainer:
         self.accuracy_index = accuracy_index(cfg.rewards, self.rewards.names)
 
         self.tokenizer = load_tokenizer(cfg.model)
+        self.layout = cfg.model.sequence_layout
+        if self.layout != "padded" and (why := unsupported_reason_for_path(str(resolve_model_path(cfg.model.path)))):
+            field = "model.shared_prefix" if cfg.model.shared_prefix else "model.padding_free"
+            raise ConfigError(f"{field}: {why}; set {field}: false")
         self.model = load_policy(cfg.model, self.device)
         self.model.train()
         self.ref_model = None
@@ -326,13 +331,14 @@ class Trainer:
         for rows in torch.arange(batch.num_rows, device=batch.input_ids.device).split(micro):
             mb = batch.select(rows)
             args = (mb.input_ids, mb.attention_mask, mb.completion_mask)
+            kwargs = dict(temperature=temp, layout=self.layout, group_id=mb.group_id)
             if needs_old:
-                old.append(completion_logprobs(self.model, *args, temperature=temp)[0])
+                old.append(completion_logprobs(self.model, *args, **kwargs)[0])
             if self.ref_model is not None:
-                ref.append(completion_logprobs(self.ref_model, *args, temperature=temp)[0])
+                ref.append(completion_logprobs(self.ref_model, *args, **kwargs)[0])
             elif self.config.algorithm.kl.coef > 0:  # LoRA: the reference is the base model, adapter off
                 with self.model.disable_adapter():
-                    ref.append(completion_logprobs(self.model, *args, temperature=temp)[0])
+                    ref.append(completion_logprobs(self.model, *args, **kwargs)[0])
         batch.old_logprobs = torch.cat(old) if old else None
         batch.ref_logprobs = torch.cat(ref) if ref else None
 
@@ -361,6 +367,7 @@ class Trainer:
                     logp, entropy = completion_logprobs(
                         self.model, mb.input_ids, mb.attention_mask, mb.completion_mask,
                         temperature=cfg.rollout.temperature, with_entropy=True, entropy_grad=self.parts.entropy_coef > 0,
+                        layout=self.layout, group_id=mb.group_id,
                     )
                     old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
                     mask = self._token_mask(mb, entropy)

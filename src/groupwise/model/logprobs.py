@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from groupwise.algorithms.regularizers import entropy_from_logits
+from groupwise.model.packing import build_layout, packed_hidden_states
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -31,6 +32,8 @@ def completion_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
     chunk_rows: int = 4096,
+    layout: str = "padded",
+    group_id: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(o_t | prompt, o_<t) / T-scaled, for every completion position; 0 at padding.
 
@@ -38,22 +41,32 @@ def completion_logprobs(
     is `[N, Tc]`. Logits are divided by the sampling temperature, as the sampler did, so that the
     ratio π_θ / π_old compares the same distributions (TRL does the same).
     The entropy is detached unless `entropy_grad` (an entropy bonus in the loss needs its gradient).
+
+    `layout` picks how the decoder sees the rows (`groupwise.model.packing`): "padded" (the rows
+    as given), "packed" (padding-free: one flat row, no pad tokens), or "shared_prefix" (packed,
+    and rows with the same `group_id` encode their common prompt once: Prefix Grouper).
     Returns `(logp[N, Tc], entropy[N, Tc] or None)`.
     """
     decoder, head = _decoder_and_head(model)
     n, tc = completion_mask.shape
-    hidden = decoder(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    # The state at position p predicts token p+1: completion token j is predicted at Tp−1+j.
-    h = hidden[:, -tc - 1 : -1]
     targets = input_ids[:, -tc:]
     keep = completion_mask.bool()
-    rows_h = h[keep]                        # [M, H], M = number of real completion tokens
     rows_t = targets[keep]
+    if layout == "padded":
+        hidden = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        # The state at position p predicts token p+1: completion token j is predicted at Tp−1+j.
+        rows_h = hidden[:, -tc - 1 : -1][keep]      # [M, H], M = number of real completion tokens
+    elif layout in ("packed", "shared_prefix"):
+        packed = build_layout(input_ids, attention_mask, tc, group_id, share_prefix=layout == "shared_prefix")
+        hidden = packed_hidden_states(decoder, packed)
+        rows_h = hidden.index_select(0, packed.predictor_index[keep])
+    else:
+        raise ValueError(f"completion_logprobs: unknown layout {layout!r} (padded, packed, shared_prefix)")
     pieces, ent_pieces = [], []
     for start in range(0, rows_t.shape[0], chunk_rows):
         logits = head(rows_h[start : start + chunk_rows]).float()
@@ -64,12 +77,12 @@ def completion_logprobs(
         if with_entropy:
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 ent_pieces.append(entropy_from_logits(logits))
-    logp = torch.zeros(n, tc, dtype=torch.float32, device=h.device)
+    logp = torch.zeros(n, tc, dtype=torch.float32, device=rows_h.device)
     if pieces:
         logp = logp.masked_scatter(keep, torch.cat(pieces))
     entropy = None
     if with_entropy:
-        entropy = torch.zeros(n, tc, dtype=torch.float32, device=h.device)
+        entropy = torch.zeros(n, tc, dtype=torch.float32, device=rows_h.device)
         if ent_pieces:
             entropy = entropy.masked_scatter(keep, torch.cat(ent_pieces))
     return logp, entropy

@@ -1,0 +1,224 @@
+"""Padding-free and shared-prefix (Prefix Grouper) forward passes equal the per-sequence layout.
+
+The reference is the plain padded forward (itself checked against unpadded single-row forwards
+in test_algorithm_properties.py); every parameter's gradient is compared, not only log-probs.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from groupwise.model.logprobs import completion_logprobs
+from groupwise.model.packing import build_layout, unsupported_reason, unsupported_reason_for_path
+
+LAYOUTS = ["packed", "shared_prefix"]
+
+
+def llama(seed=0, vocab=61):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                      intermediate_size=96, max_position_embeddings=128, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg)
+
+
+def qwen2(seed=0, vocab=61):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      intermediate_size=96, max_position_embeddings=128, attn_implementation="sdpa")
+    return Qwen2ForCausalLM(cfg)
+
+
+def builtin():
+    from groupwise.model.loading import builtin_model_dir
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(builtin_model_dir()), attn_implementation="sdpa")
+
+
+def grouped_batch(seed, vocab, prompt_lens, g, tc, empty_completion=True):
+    """Groups of g rows sharing a left-padded prompt, right-padded completions of varied length."""
+    gen = torch.Generator().manual_seed(seed)
+    tp = max(prompt_lens)
+    rows, masks = [], []
+    for plen in prompt_lens:
+        prompt = torch.randint(1, vocab, (plen,), generator=gen)
+        for _ in range(g):
+            clen = int(torch.randint(1, tc + 1, (1,), generator=gen))
+            comp = torch.randint(1, vocab, (clen,), generator=gen)
+            ids = torch.zeros(tp + tc, dtype=torch.long)
+            ids[tp - plen : tp] = prompt
+            ids[tp : tp + clen] = comp
+            m = torch.zeros(tp + tc, dtype=torch.long)
+            m[tp - plen : tp + clen] = 1
+            rows.append(ids)
+            masks.append(m)
+    ids, am = torch.stack(rows), torch.stack(masks)
+    am[0, tp:] = 1                        # a full-length completion
+    ids[0, tp:] = torch.randint(1, vocab, (tc,), generator=gen)
+    if len(rows) > 1:
+        am[1, tp + 1 :] = 0               # a one-token one
+        ids[1, tp + 1 :] = 0
+    cmask = am[:, tp:].clone().float()
+    if empty_completion and len(rows) > 2:
+        cmask[2] = 0.0                    # a row whose tokens are all masked out of the loss (e.g. truncated)
+    group_id = torch.arange(len(prompt_lens)).repeat_interleave(g)
+    return ids, am, cmask, group_id
+
+
+def logprobs_and_grads(model, ids, am, cmask, group_id, layout, temperature=0.8):
+    model.zero_grad(set_to_none=True)
+    lp, ent = completion_logprobs(model, ids, am, cmask, temperature=temperature, with_entropy=True, entropy_grad=True,
+                                  layout=layout, group_id=group_id)
+    weights = torch.linspace(-1.0, 1.0, lp.numel()).view_as(lp)
+    ((lp * weights).sum() + 0.1 * ent.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return lp.detach(), ent.detach(), grads
+
+
+@pytest.mark.parametrize("make_model", [llama, qwen2, builtin], ids=["llama", "qwen2", "builtin"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_equals_per_sequence_logprobs_and_every_gradient(make_model, layout):
+    model = make_model()
+    vocab = model.config.vocab_size
+    ids, am, cmask, gid = grouped_batch(3, vocab, prompt_lens=[7, 3, 5], g=4, tc=6)
+    ref_lp, ref_ent, ref_grads = logprobs_and_grads(model, ids, am, cmask, gid, "padded")
+    lp, ent, grads = logprobs_and_grads(model, ids, am, cmask, gid, layout)
+    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    # the check can fail: real positions carry non-trivial log-probs, and gradients are not zero
+    assert ref_lp[cmask.bool()].std() > 0.01
+    assert all(g.abs().max() > 0 for g in ref_grads.values())
+
+
+def test_split_group_and_reordered_rows_still_match():
+    # A micro-batch may hold part of a group, and rows of one group need not be adjacent.
+    model = llama(1)
+    ids, am, cmask, gid = grouped_batch(5, 61, prompt_lens=[4, 6], g=3, tc=5, empty_completion=False)
+    rows = torch.tensor([4, 0, 5, 2])
+    ref, _, _ = logprobs_and_grads(model, ids[rows], am[rows], cmask[rows], gid[rows], "padded")
+    lp, _, _ = logprobs_and_grads(model, ids[rows], am[rows], cmask[rows], gid[rows], "shared_prefix")
+    torch.testing.assert_close(lp, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_wrong_layout_would_be_caught(monkeypatch):
+    # Guard against a vacuous comparison: restarting completion positions one token late, or
+    # letting completions see each other, changes the log-probs well beyond the tolerance.
+    import groupwise.model.logprobs as logprobs_mod
+    from groupwise.model import packing
+
+    model = llama(2)
+    ids, am, cmask, gid = grouped_batch(7, 61, prompt_lens=[5, 4], g=3, tc=5)
+    with torch.no_grad():
+        ref, _ = completion_logprobs(model, ids, am, cmask, layout="padded")
+
+        def shifted(*args, **kwargs):
+            lay = packing.build_layout(*args, **kwargs)
+            lay.position_ids = lay.position_ids.clone()
+            lay.position_ids[0, lay.completion_index[cmask.sum(1) > 0, 0].unique()] += 1
+            return lay
+
+        monkeypatch.setattr(logprobs_mod, "build_layout", shifted)
+        moved, _ = completion_logprobs(model, ids, am, cmask, layout="shared_prefix", group_id=gid)
+
+        def leaky(*args, **kwargs):
+            lay = packing.build_layout(*args, **kwargs)
+            lay.completion_mask = torch.ones_like(lay.completion_mask)   # padded/sibling keys visible
+            return lay
+
+        monkeypatch.setattr(logprobs_mod, "build_layout", leaky)
+        leaked, _ = completion_logprobs(model, ids, am, cmask, layout="shared_prefix", group_id=gid)
+    assert (moved - ref).abs().max() > 1e-4
+    assert (leaked - ref).abs().max() > 1e-4
+
+
+def test_shared_layout_encodes_each_prompt_once():
+    ids, am, cmask, gid = grouped_batch(0, 61, prompt_lens=[7, 3], g=4, tc=6)
+    tp = ids.shape[1] - 6
+    shared = build_layout(ids, am, 6, gid, share_prefix=True)
+    packed = build_layout(ids, am, 6, gid, share_prefix=False)
+    completion_tokens = int(am[:, tp:].sum())
+    assert shared.num_tokens == 7 + 3 + completion_tokens
+    assert packed.num_tokens == int(am.sum())          # every real token once, no padding
+    assert packed.num_tokens == 4 * (7 + 3) + completion_tokens
+    # positions restart after the prompt: each completion's first token sits at its prompt length
+    first = shared.completion_index[:, 0]
+    assert shared.position_ids[0, first].tolist() == [7] * 4 + [3] * 4
+
+
+def test_rows_with_one_group_id_and_different_prompts_are_refused():
+    ids, am, cmask, gid = grouped_batch(0, 61, prompt_lens=[5, 5], g=2, tc=4)
+    gid = torch.zeros_like(gid)
+    with pytest.raises(ValueError, match=r"row 2 has the group_id of row 0 but a different prompt"):
+        build_layout(ids, am, 4, gid, share_prefix=True)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_layout_properties(data):
+    """Every real token appears once in the packed row, at its own position, and maps back to a slot."""
+    n_groups = data.draw(st.integers(1, 4))
+    g = data.draw(st.integers(1, 4))
+    prompt_lens = [data.draw(st.integers(1, 6)) for _ in range(n_groups)]
+    tc = data.draw(st.integers(1, 5))
+    share = data.draw(st.booleans())
+    ids, am, cmask, gid = grouped_batch(data.draw(st.integers(0, 10_000)), 50, prompt_lens, g, tc, empty_completion=False)
+    tp = ids.shape[1] - tc
+    lay = build_layout(ids, am, tc, gid, share_prefix=share)
+    expected = sum(prompt_lens) + int(am[:, tp:].sum()) if share else int(am.sum())
+    assert lay.num_tokens == expected
+    # the scatter index is injective and lands on valid slots only
+    completion_valid = torch.arange(lay.completion_index.shape[1]) < am[:, tp:].sum(1)[:, None]
+    slots = torch.cat([lay.block_valid.flatten(), completion_valid.flatten()])
+    assert len(set(lay.scatter_index.tolist())) == lay.num_tokens
+    assert bool(slots[lay.scatter_index].all())
+    # each completion token's predictor is the token just before it in its own sequence
+    for i in range(ids.shape[0]):
+        for t in range(int(am[i, tp:].sum())):
+            f = int(lay.predictor_index[i, t])
+            prev = ids[i, tp + t - 1]
+            assert int(lay.input_ids[0, f]) == int(prev)
+            assert int(lay.position_ids[0, f]) == int(am[i, :tp].sum()) + t - 1
+
+
+def test_models_that_cannot_take_the_layout_name_the_reason():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                      intermediate_size=64, use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    assert "sliding" in unsupported_reason(Qwen2ForCausalLM, cfg)
+
+    class OldStyleModel(torch.nn.Module):
+        _supports_attention_backend = False
+
+    assert "attention interface" in unsupported_reason(OldStyleModel, cfg)
+    from groupwise.model.loading import builtin_model_dir
+
+    assert unsupported_reason_for_path(str(builtin_model_dir())) is None
+
+
+def test_trainer_refuses_a_sliding_window_model_before_loading(tmp_path, small_config):
+    from groupwise.config import ConfigError
+    from groupwise.model.loading import builtin_model_dir
+    from groupwise.trainer import Trainer
+
+    model_dir = tmp_path / "sliding"
+    shutil.copytree(builtin_model_dir(), model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    cfg.pop("layer_types", None)
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    config = small_config(**{"model.path": str(model_dir), "model.shared_prefix": True})
+    with pytest.raises(ConfigError, match=r"^model\.shared_prefix: Qwen2ForCausalLM .*sliding.*; set model\.shared_prefix: false"):
+        Trainer(config)
