@@ -40,7 +40,6 @@ def test_set_dotted_creates_sections_and_refuses_descending_into_values():
         ("optimizer.lr=-1", "config key 'optimizer.lr': input should be greater than 0"),
         ("rollout.temperature=0", "config key 'rollout.temperature'"),
         ("rollout.num_generations=1", "rollout.num_generations must be at least 2 for algorithm.advantage 'grpo'"),
-        ("rollout.generation_batch_size=12", "rollout.generation_batch_size (12) must be a multiple of rollout.num_generations (8)"),
         ("algorithm.mini_batches=3", "algorithm.mini_batches (3) must divide the completions per step"),
         ("optimizer.micro_batch_size=7", "optimizer.micro_batch_size (7) must divide the completions per mini-batch"),
         ("algorithm.advantage=nope", "algorithm.advantage 'nope' is unknown; known: batch_std, bnpo, dcpo_sas, dr_grpo"),

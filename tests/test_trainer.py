@@ -44,11 +44,13 @@ def test_a_short_run_writes_everything(small_config):
 def test_reward_rises_on_the_builtin_task(tmp_path):
     from groupwise.config import load_config
 
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "schedule.steps=40", "rollout.prompts_per_step=16",
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "schedule.steps=60", "rollout.prompts_per_step=16",
                              "eval.before_and_after=false", "logging.progress=none", "checkpoint.save_final=false"])
     Trainer(cfg).train()
     rewards = [r["reward/mean"] for r in read_metrics(tmp_path / "run")]
-    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    # batch rewards are noisy step to step: compare the first 10 steps with the mean of the last 30
+    # (seeds 0/1/2 gave +0.080/+0.063/+0.059 with the per-sequence sampler)
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-30:]) / 30
     assert last > first + 0.04, (first, last)
 
 

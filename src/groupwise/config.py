@@ -71,7 +71,10 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off")
-    generation_batch_size: int | None = Field(None, ge=1, description="most completions decoded at once (a multiple of num_generations); default: all")
+    max_concurrent_sequences: int | None = Field(None, ge=1, description="most completions decoded at once (micro-groups; Infinite Sampling); default: all")
+    kv_cache_budget_mb: float | None = Field(None, gt=0.0, description="also bound the completions decoded at once by their KV cache (each reserves its prompt + max_new_tokens)")
+    scheduling: Literal["continuous", "micro_group"] = Field("continuous", description="continuous: a finished completion's slot is refilled at once; micro_group: the next sequences start when all slots are free")
+    length_order: Literal["none", "shortest_first", "longest_first"] = Field("longest_first", description="order of the pending queue by each prompt's predicted completion length (mean of its earlier completions)")
 
 
 class RewardFunctionConfig(_Section):
@@ -270,11 +273,6 @@ def _check_consistency(cfg: Config) -> None:
             f"(a group of one has no baseline), got {roll.num_generations}"
         )
     n = cfg.completions_per_step
-    if roll.generation_batch_size is not None and roll.generation_batch_size % roll.num_generations:
-        raise ValueError(
-            f"rollout.generation_batch_size ({roll.generation_batch_size}) must be a multiple of "
-            f"rollout.num_generations ({roll.num_generations}) so that groups stay whole"
-        )
     if n % alg.mini_batches:
         raise ValueError(
             f"algorithm.mini_batches ({alg.mini_batches}) must divide the completions per step "

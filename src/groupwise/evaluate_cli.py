@@ -12,7 +12,7 @@ def run_eval(target: str | None, overrides: list[str], k: int | None) -> dict:
     from groupwise.evaluation import evaluate
     from groupwise.model.loading import load_policy, load_tokenizer, resolve_device
     from groupwise.rewards import RewardRunner
-    from groupwise.rollout import HFRolloutEngine
+    from groupwise.rollout import rollout_engine
 
     latest = None
     if target and Path(target).is_dir():
@@ -36,6 +36,6 @@ def run_eval(target: str | None, overrides: list[str], k: int | None) -> dict:
     if latest is not None:
         ckpt.load_model_weights(model, latest)      # then the trained weights or adapter
     model.eval()
-    engine = HFRolloutEngine(model, tokenizer, generation_batch_size=config.rollout.generation_batch_size, max_prompt_length=config.data.max_prompt_length)
+    engine = rollout_engine(model, tokenizer, config)
     results = evaluate(engine, tokenizer, prompts, runner, config, k=config.eval.k if k is None else k, seed=config.seed)
     return {"model": str(latest or config.model.path), **results}

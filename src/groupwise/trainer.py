@@ -37,7 +37,7 @@ from groupwise.model.logprobs import completion_logprobs
 from groupwise.model.packing import unsupported_reason_for_path
 from groupwise.optim import build_optimizer, build_scheduler
 from groupwise.rewards import RewardRunner
-from groupwise.rollout import HFRolloutEngine, SamplingParams
+from groupwise.rollout import SamplingParams, rollout_engine
 from groupwise.types import RolloutBatch, ScoredGroups, TrainBatch
 
 
@@ -94,9 +94,7 @@ class Trainer:
         self.ref_model = None
         if cfg.algorithm.kl.coef > 0 and not cfg.model.lora.enabled:
             self.ref_model = load_reference(cfg.model, self.device)
-        self.engine = HFRolloutEngine(
-            self.model, self.tokenizer, generation_batch_size=cfg.rollout.generation_batch_size, max_prompt_length=cfg.data.max_prompt_length
-        )
+        self.engine = rollout_engine(self.model, self.tokenizer, cfg)
         self.optimizer_steps_per_step = cfg.algorithm.num_iterations * cfg.algorithm.mini_batches
         self.optimizer = build_optimizer(trainable_parameters(self.model), cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.optimizer_steps_per_step)

@@ -1,8 +1,10 @@
 """Per-token log-probabilities of completions under a causal LM, without a [N, T, vocab] tensor.
 
-The decoder runs once over `[prompt | completion]`; the LM head is applied only at the hidden
-states that predict real completion tokens (padding is skipped), in chunks of rows, so the
-largest logits tensor is `[chunk, vocab]`.
+The decoder runs once over `[prompt | completion]` (or a packed row, `model.packing`); the LM
+head is applied only at the hidden states that predict real completion tokens (padding is
+skipped), in chunks of rows. With a plain linear head, `ChunkedHeadLogprob` keeps no logits for
+the backward pass either: it recomputes each chunk's logits there, so the largest vocabulary-wide
+tensor alive at any time is `[chunk, vocab]`, in the forward and in the backward pass.
 """
 from __future__ import annotations
 
@@ -15,6 +17,72 @@ from groupwise.model.packing import build_layout, packed_hidden_states
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that restart at 0 after left padding: cumsum(mask) − 1, clamped at 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ChunkedHeadLogprob(torch.autograd.Function):
+    """log p(target) and entropy H of softmax(h Wᵀ / T), chunk by chunk, logits recomputed in backward.
+
+        z = (h Wᵀ + b) / T,   log p_y = z_y − logsumexp(z),   H = logsumexp(z) − Σ_v p_v z_v
+        ∂ log p_y / ∂z = onehot(y) − p,   ∂H / ∂z = −p ⊙ (log p + H)
+
+    Saves only h `[M, H]` (and W, which the model holds anyway): memory `O(chunk · vocab)` instead
+    of `O(M · vocab)`, for one extra head matmul in the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int, with_entropy: bool):
+        logps, ents = [], []
+        for start in range(0, hidden.shape[0], chunk):
+            z = _head_logits(hidden[start : start + chunk], weight, bias, temperature)
+            lse = torch.logsumexp(z, dim=-1)
+            logps.append(z.gather(-1, targets[start : start + chunk, None]).squeeze(-1) - lse)
+            if with_entropy:
+                ents.append(entropy_from_logits(z))
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
+        ctx.set_materialize_grads(False)           # an unused output's gradient arrives as None: skip its work
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        logp = torch.cat(logps) if logps else empty
+        entropy = torch.cat(ents) if ents else empty
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        t = ctx.temperature
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            sl = slice(start, start + ctx.chunk)
+            h = hidden[sl]
+            z = _head_logits(h, weight, bias, t)
+            logp_all = torch.log_softmax(z, dim=-1)
+            p = logp_all.exp()
+            gz = torch.zeros_like(z)
+            if grad_logp is not None:
+                gz -= p * grad_logp[sl, None]
+                gz.scatter_add_(-1, targets[sl, None], grad_logp[sl, None])
+            if ctx.with_entropy and grad_entropy is not None:
+                plogp = torch.where(p > 0, p * logp_all, torch.zeros_like(p))
+                entropy = -plogp.sum(-1, keepdim=True)
+                gz -= grad_entropy[sl, None] * (plogp + p * entropy)
+            gz = gz / t                                   # through z = logits / T
+            if grad_h is not None:
+                grad_h[sl] = (gz.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += gz.t() @ h.float()
+            if grad_b is not None:
+                grad_b += gz.sum(0)
+        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)
+
+
+def _head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    z = torch.nn.functional.linear(h, weight, bias).float()
+    return z / temperature if temperature != 1.0 else z
 
 
 def _decoder_and_head(model: torch.nn.Module):
@@ -31,7 +99,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
-    chunk_rows: int = 4096,
+    chunk_rows: int = 512,
     layout: str = "padded",
     group_id: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -67,16 +135,22 @@ def completion_logprobs(
         rows_h = hidden.index_select(0, packed.predictor_index[keep])
     else:
         raise ValueError(f"completion_logprobs: unknown layout {layout!r} (padded, packed, shared_prefix)")
-    pieces, ent_pieces = [], []
-    for start in range(0, rows_t.shape[0], chunk_rows):
-        logits = head(rows_h[start : start + chunk_rows]).float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        tgt = rows_t[start : start + chunk_rows]
-        pieces.append(logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1))
-        if with_entropy:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                ent_pieces.append(entropy_from_logits(logits))
+    if type(head) is torch.nn.Linear:
+        logp_rows, ent_rows = ChunkedHeadLogprob.apply(rows_h, head.weight, head.bias, rows_t, temperature, chunk_rows, with_entropy)
+        if with_entropy and not (entropy_grad and torch.is_grad_enabled()):
+            ent_rows = ent_rows.detach()
+        pieces, ent_pieces = [logp_rows], [ent_rows] if with_entropy else []
+    else:  # a wrapped head (e.g. a LoRA adapter on lm_head): plain autograd, chunked
+        pieces, ent_pieces = [], []
+        for start in range(0, rows_t.shape[0], chunk_rows):
+            logits = head(rows_h[start : start + chunk_rows]).float()
+            if temperature != 1.0:
+                logits = logits / temperature
+            tgt = rows_t[start : start + chunk_rows]
+            pieces.append(logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+            if with_entropy:
+                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                    ent_pieces.append(entropy_from_logits(logits))
     logp = torch.zeros(n, tc, dtype=torch.float32, device=rows_h.device)
     if pieces:
         logp = logp.masked_scatter(keep, torch.cat(pieces))

@@ -1,9 +1,18 @@
-"""Generation with a Hugging Face transformers model: batched, KV-cached, seeded.
+"""Generation with a Hugging Face transformers model: KV-cached, continuously batched, seeded.
 
-Our own decode loop over time steps (not tokens of a sequence: every step advances all rows at
-once) so that it returns exactly what RL needs — the sampling log-prob of every generated token
-under the temperature-scaled distribution, and whether each completion finished (EOS) or was
-truncated — and samples from a private, seeded `torch.Generator` so runs are reproducible.
+Our own decode loop over time steps (every step advances all active rows at once) so that it
+returns exactly what RL needs — the sampling log-prob of every generated token under the
+temperature-scaled distribution, and whether each completion finished (EOS) or was truncated.
+
+Infinite Sampling (arXiv 2506.22950), see `rollout.scheduling`: at most `slots` sequences are
+decoded at once; in "continuous" mode a finished sequence leaves the KV cache at once and a
+pending one (from any group) is prefilled into the freed slot; in "micro_group" mode the next
+sequences are admitted only when every slot is empty. Each sequence samples with its own
+counter-based random numbers, so the completions do not depend on the schedule.
+
+transformers' own continuous batching (`generate_batch`, paged attention) is not used: it draws
+with `torch.multinomial` from the global generator over whatever requests share a batch, so a
+sequence's tokens would depend on the schedule.
 """
 from __future__ import annotations
 
@@ -11,6 +20,9 @@ import torch
 
 from groupwise.model.logprobs import position_ids_from_mask
 from groupwise.rollout.base import SamplingParams
+from groupwise.rollout.scheduling import (
+    LengthOrder, LengthPredictor, concurrent_sequences, kv_bytes_per_token, order_sequences, sequence_uniforms,
+)
 from groupwise.types import Prompt, RolloutBatch
 
 
@@ -28,8 +40,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One draw per row from the categorical `probs[N, V]`, by inverting its CDF.
+def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One draw per row from the categorical `probs[N, V]`, by inverting its CDF at `uniforms[N]`.
 
         v = min{ v : Σ_{w≤v} p_w > u · Σ_w p_w },   u ~ U[0, 1)
 
@@ -39,7 +51,7 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch
     (top-k/top-p filtered) leaves the CDF flat, so it is never drawn.
     """
     cdf = probs.double().cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    u = uniforms.to(device=probs.device, dtype=torch.float64).view(-1, 1) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
@@ -68,13 +80,36 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
 
 
 class HFRolloutEngine:
-    """Generates with the training model itself (colocated, no weight copies)."""
+    """Generates with the training model itself (colocated, no weight copies).
 
-    def __init__(self, model, tokenizer, *, generation_batch_size: int | None = None, max_prompt_length: int | None = None):
+    `max_concurrent_sequences` / `kv_cache_budget_mb` bound the sequences decoded at once;
+    `scheduling` is "continuous" (refill freed slots at once) or "micro_group" (admit the next
+    micro-group when all slots are empty); `length_order` sorts the pending queue by each
+    prompt's predicted completion length (the mean of its earlier completions).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_concurrent_sequences: int | None = None,
+        kv_cache_budget_mb: float | None = None,
+        scheduling: str = "continuous",
+        length_order: LengthOrder = "none",
+        max_prompt_length: int | None = None,
+    ):
+        if scheduling not in ("continuous", "micro_group"):
+            raise ValueError(f"HFRolloutEngine: scheduling must be 'continuous' or 'micro_group', not {scheduling!r}")
         self.model = model
         self.tokenizer = tokenizer
-        self.generation_batch_size = generation_batch_size
+        self.max_concurrent_sequences = max_concurrent_sequences
+        self.kv_cache_budget_mb = kv_cache_budget_mb
+        self.scheduling = scheduling
+        self.length_order = length_order
         self.max_prompt_length = max_prompt_length
+        self.lengths = LengthPredictor(default=0.0)
+        self.last_stats: dict[str, float] = {}
         self.pad_id = int(tokenizer.pad_token_id)
         self.eos_ids = _eos_ids(model, tokenizer)
         if not self.eos_ids:
@@ -85,6 +120,12 @@ class HFRolloutEngine:
         if self.max_prompt_length is not None:
             ids = [r[-self.max_prompt_length:] for r in ids]   # left-truncate, keep the question's end
         return ids
+
+    def slots_for(self, rows: list[list[int]], max_new_tokens: int) -> int:
+        param = next(self.model.parameters())
+        per_token = kv_bytes_per_token(self.model.config, param.dtype)
+        longest = max(len(r) for r in rows) + max_new_tokens
+        return concurrent_sequences(len(rows), self.max_concurrent_sequences, self.kv_cache_budget_mb, per_token * longest)
 
     @torch.inference_mode()
     def generate(
@@ -99,21 +140,24 @@ class HFRolloutEngine:
         prompt_rows = self.tokenize_prompts(prompt_texts)
         rows = [r for r in prompt_rows for _ in range(num_generations)]
         group_id = torch.arange(len(prompts)).repeat_interleave(num_generations)
-        chunk = self.generation_batch_size or len(rows)
-        generator = torch.Generator(device=device).manual_seed(seed)
+        keys = [p.index if p.index >= 0 else text for p, text in zip(prompts, prompt_texts)]
+        row_keys = [k for k in keys for _ in range(num_generations)]
+        order = order_sequences([self.lengths.predict(k) for k in row_keys], self.length_order)
 
         was_training = self.model.training
         self.model.eval()
         try:
-            pieces = [self._decode(rows[s : s + chunk], params, generator, device) for s in range(0, len(rows), chunk)]
+            ids, lengths, logprobs, finished = self._decode(rows, order, params, seed, self.slots_for(rows, params.max_new_tokens), device)
         finally:
             self.model.train(was_training)
+        self.lengths.update(row_keys, lengths.tolist())
 
-        completion_ids, completion_mask, logprobs, finished = _concat_right_padded(pieces, self.pad_id)
+        width = max(int(lengths.max()), 1)
+        completion_mask = (torch.arange(width, device=device) < lengths[:, None]).long()
+        completion_ids = ids[:, :width].masked_fill(completion_mask == 0, self.pad_id)
         prompt_ids, prompt_mask = _left_pad(rows, self.pad_id, device)
         texts = self.tokenizer.batch_decode(
-            [ids[: int(n)] for ids, n in zip(completion_ids.tolist(), completion_mask.sum(-1).tolist())],
-            skip_special_tokens=True,
+            [r[: int(n)] for r, n in zip(completion_ids.tolist(), lengths.tolist())], skip_special_tokens=True,
         )
         return RolloutBatch(
             prompts=list(prompts),
@@ -121,65 +165,125 @@ class HFRolloutEngine:
             prompt_mask=prompt_mask,
             completion_ids=completion_ids,
             completion_mask=completion_mask,
-            sampling_logprobs=logprobs,
+            sampling_logprobs=logprobs[:, :width] * completion_mask,
             group_id=group_id.to(device),
             finished=finished,
             completions_text=texts,
         )
 
-    def _decode(self, rows: list[list[int]], params: SamplingParams, generator: torch.Generator, device: torch.device):
-        """Decode one chunk of rows to completion; returns (ids, mask, logprobs, finished)."""
+    def _prefill(self, prompts: list[list[int]], device: torch.device):
         from transformers import DynamicCache
 
-        input_ids, attn = _left_pad(rows, self.pad_id, device)
-        n = input_ids.shape[0]
-        eos = torch.tensor(self.eos_ids, device=device)
-        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        input_ids, attn = _left_pad(prompts, self.pad_id, device)
         positions = position_ids_from_mask(attn)
         out = self.model(
             input_ids=input_ids, attention_mask=attn, position_ids=positions,
             past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1,
         )
-        tokens, logps, live = [], [], []
-        next_pos = positions[:, -1:] + 1
-        for _ in range(params.max_new_tokens):
-            logits = out.logits[:, -1].float() / params.temperature
-            logp_all = torch.log_softmax(logits, dim=-1)
+        return out.past_key_values, attn, positions[:, -1] + 1, out.logits[:, -1]
+
+    def _decode(self, rows: list[list[int]], order: list[int], params: SamplingParams, seed: int, slots: int, device: torch.device):
+        """Decode every row (admitted in `order`, at most `slots` at once) to EOS or max_new_tokens.
+
+        Returns `(ids[N, max_new], lengths[N], logprobs[N, max_new], finished[N])` in row order.
+        """
+        n, max_new = len(rows), params.max_new_tokens
+        eos = torch.tensor(self.eos_ids, device=device)
+        ids = torch.full((n, max_new), self.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros(n, max_new, dtype=torch.float32, device=device)
+        lengths = torch.zeros(n, dtype=torch.long, device=device)
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        pending = list(reversed(order))             # pop() from the end = next in order
+        active = torch.zeros(0, dtype=torch.long, device=device)   # row of each cache slot
+        cache = attn = next_pos = logits = None
+        steps = admitted_rounds = 0
+        busy_slot_steps = 0
+        while pending or active.numel():
+            free = slots - active.numel()
+            if pending and free > 0 and (self.scheduling == "continuous" or active.numel() == 0):
+                new = [pending.pop() for _ in range(min(free, len(pending)))]
+                c, a, p, lg = self._prefill([rows[i] for i in new], device)
+                cache, attn = _merge_caches(cache, attn, c, a)
+                next_pos = p if next_pos is None else torch.cat([next_pos, p])
+                logits = lg if logits is None else torch.cat([logits, lg])
+                active = torch.cat([active, torch.tensor(new, dtype=torch.long, device=device)])
+                admitted_rounds += 1
+            scaled = logits.float() / params.temperature
+            logp_all = torch.log_softmax(scaled, dim=-1)
             if params.greedy:
-                nxt = logits.argmax(-1)
+                nxt = scaled.argmax(-1)
             else:
-                probs = torch.softmax(filter_top_k_top_p(logits, params.top_k, params.top_p), dim=-1)
-                nxt = sample_categorical(probs, generator)
-            is_live = ~finished
-            nxt = torch.where(is_live, nxt, torch.full_like(nxt, self.pad_id))
-            tokens.append(nxt)
-            logps.append(torch.where(is_live, logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1), torch.zeros_like(logits[:, 0])))
-            live.append(is_live)
-            finished = finished | (is_live & torch.isin(nxt, eos))
-            if bool(finished.all()):
-                break
+                probs = torch.softmax(filter_top_k_top_p(scaled, params.top_k, params.top_p), dim=-1)
+                nxt = sample_categorical(probs, sequence_uniforms(seed, active, lengths[active]))
+            t = lengths[active]
+            ids[active, t] = nxt
+            logps[active, t] = logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+            lengths[active] = t + 1
+            hit_eos = torch.isin(nxt, eos)
+            finished[active] = hit_eos
+            done = hit_eos | (t + 1 >= max_new)
+            steps += 1
+            busy_slot_steps += active.numel()
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(-1)
+                active, nxt, next_pos, attn = active[keep], nxt[keep], next_pos[keep], attn[keep]
+                cache = _select_rows(cache, keep) if active.numel() else None
+                if active.numel():
+                    cache, attn = _trim_left(cache, attn)
+                else:
+                    attn = next_pos = logits = None
+                    continue
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             out = self.model(
-                input_ids=nxt.unsqueeze(-1), attention_mask=attn, position_ids=next_pos,
-                past_key_values=out.past_key_values, use_cache=True,
+                input_ids=nxt.unsqueeze(-1), attention_mask=attn, position_ids=next_pos.unsqueeze(-1),
+                past_key_values=cache, use_cache=True,
             )
-            next_pos = next_pos + 1
-        return (
-            torch.stack(tokens, 1),
-            torch.stack(live, 1).long(),
-            torch.stack(logps, 1),
-            finished,
-        )
+            cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+        self.last_stats = {"decode_steps": float(steps), "slots": float(slots), "prefill_calls": float(admitted_rounds),
+                           "slot_utilization": busy_slot_steps / max(steps * slots, 1)}
+        return ids, lengths, logps, finished
 
 
-def _concat_right_padded(pieces, pad_id: int):
-    width = max(p[0].shape[1] for p in pieces)
+def _cache_layers(cache):
+    for layer in cache.layers:
+        if type(layer).__name__ != "DynamicLayer":
+            raise ValueError(f"continuous sampling needs plain dynamic KV-cache layers, not {type(layer).__name__}; "
+                             f"set rollout.scheduling: micro_group")
+    return cache.layers
 
-    def pad(t: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
-    ids = torch.cat([pad(p[0], pad_id) for p in pieces])
-    mask = torch.cat([pad(p[1], 0) for p in pieces])
-    logps = torch.cat([pad(p[2], 0.0) for p in pieces])
-    finished = torch.cat([p[3] for p in pieces])
-    return ids, mask, logps, finished
+def _select_rows(cache, rows: torch.Tensor):
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+    return cache
+
+
+def _trim_left(cache, attn: torch.Tensor):
+    """Drop the leading cache columns that no remaining row attends to (they were another row's)."""
+    used = attn.bool().any(0)
+    first = int(used.nonzero()[0]) if bool(used.any()) else 0
+    if first == 0 or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+        return cache, attn
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+    return cache, attn[:, first:]
+
+
+def _merge_caches(cache_a, attn_a, cache_b, attn_b):
+    """Stack two KV caches along the batch, left-padding the shorter in time (masked out)."""
+    if cache_a is None:
+        return cache_b, attn_b
+    ta, tb = attn_a.shape[1], attn_b.shape[1]
+    width = max(ta, tb)
+
+    def pad(x: torch.Tensor, t: int) -> torch.Tensor:   # [B, H, T, D]: zeros on the left of time
+        return torch.nn.functional.pad(x, (0, 0, width - t, 0)) if t < width else x
+
+    for la, lb in zip(_cache_layers(cache_a), _cache_layers(cache_b)):
+        la.keys = torch.cat([pad(la.keys, ta), pad(lb.keys, tb)])
+        la.values = torch.cat([pad(la.values, ta), pad(lb.values, tb)])
+    attn = torch.cat([
+        torch.nn.functional.pad(attn_a, (width - ta, 0)),
+        torch.nn.functional.pad(attn_b, (width - tb, 0)),
+    ])
+    return cache_a, attn
