@@ -222,3 +222,25 @@ def test_trainer_refuses_a_sliding_window_model_before_loading(tmp_path, small_c
     config = small_config(**{"model.path": str(model_dir), "model.shared_prefix": True})
     with pytest.raises(ConfigError, match=r"^model\.shared_prefix: Qwen2ForCausalLM .*sliding.*; set model\.shared_prefix: false"):
         Trainer(config)
+
+
+@pytest.mark.parametrize("layout", [{"model.shared_prefix": True}, {"model.padding_free": True}], ids=["shared_prefix", "padding_free"])
+def test_training_with_a_packed_layout_equals_the_padded_run(tmp_path, small_config, layout):
+    """Three steps with μ = 2, two mini-batches, micro-batches that split groups and a KL term:
+    the same metrics and parameters as the padded layout, up to floating-point rounding."""
+    from groupwise.trainer import Trainer
+
+    common = {"algorithm.num_iterations": 2, "algorithm.mini_batches": 2, "optimizer.micro_batch_size": 2,
+              "algorithm.kl.coef": 0.05, "logging.samples_every": 0, "checkpoint.save_final": False}
+    runs = {}
+    for name, extra in (("padded", {}), ("packed", layout)):
+        trainer = Trainer(small_config(run_dir=tmp_path / name, **common, **extra))
+        assert trainer.layout == ("padded" if not extra else next(iter(extra)).split(".")[1].replace("padding_free", "packed"))
+        metrics = [trainer.train_step() for _ in range(3)]
+        runs[name] = (metrics, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    (m_pad, p_pad), (m_packed, p_packed) = runs["padded"], runs["packed"]
+    for a, b in zip(m_pad, m_packed):
+        for key in ("loss", "kl", "entropy", "grad_norm", "reward/mean", "clip_ratio/region"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    for n in p_pad:
+        torch.testing.assert_close(p_packed[n], p_pad[n], atol=2e-5, rtol=1e-4, msg=n)

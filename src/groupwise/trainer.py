@@ -225,6 +225,7 @@ class Trainer:
         metrics.update(update)
         metrics.update(collect_metrics)
         metrics.update(ctx.metrics)
+        metrics.update({f"rollout/{k}": v for k, v in self.engine.last_stats.items()})   # of the last generation round
         self.step += 1
         return metrics
 

@@ -180,7 +180,7 @@ class HFRolloutEngine:
             input_ids=input_ids, attention_mask=attn, position_ids=positions,
             past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1,
         )
-        return out.past_key_values, attn, positions[:, -1] + 1, out.logits[:, -1]
+        return out.past_key_values, attn, out.logits[:, -1]
 
     def _decode(self, rows: list[list[int]], order: list[int], params: SamplingParams, seed: int, slots: int, device: torch.device):
         """Decode every row (admitted in `order`, at most `slots` at once) to EOS or max_new_tokens.
@@ -194,16 +194,18 @@ class HFRolloutEngine:
         lengths = torch.zeros(n, dtype=torch.long, device=device)
         finished = torch.zeros(n, dtype=torch.bool, device=device)
         pending = list(reversed(order))             # pop() from the end = next in order
+        prompts = _PromptCache(self, [rows[i] for i in order], device)
+        refill_at = max(1, slots // 8)              # admit in small batches: each admission copies the cache once
         active = torch.zeros(0, dtype=torch.long, device=device)   # row of each cache slot
         cache = attn = next_pos = logits = None
         steps = admitted_rounds = 0
         busy_slot_steps = 0
         while pending or active.numel():
             free = slots - active.numel()
-            if pending and free > 0 and (self.scheduling == "continuous" or active.numel() == 0):
+            if pending and (active.numel() == 0 or (self.scheduling == "continuous" and free >= min(refill_at, len(pending)))):
                 new = [pending.pop() for _ in range(min(free, len(pending)))]
-                c, a, p, lg = self._prefill([rows[i] for i in new], device)
-                cache, attn = _merge_caches(cache, attn, c, a)
+                kv, a, p, lg = prompts.admit([rows[i] for i in new])
+                cache, attn = _merge_caches(self.model.config, cache, attn, kv, a)
                 next_pos = p if next_pos is None else torch.cat([next_pos, p])
                 logits = lg if logits is None else torch.cat([logits, lg])
                 active = torch.cat([active, torch.tensor(new, dtype=torch.long, device=device)])
@@ -239,7 +241,8 @@ class HFRolloutEngine:
                 past_key_values=cache, use_cache=True,
             )
             cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
-        self.last_stats = {"decode_steps": float(steps), "slots": float(slots), "prefill_calls": float(admitted_rounds),
+        self.last_stats = {"decode_steps": float(steps), "slots": float(slots), "admissions": float(admitted_rounds),
+                           "prefill_calls": float(prompts.prefill_calls),
                            "slot_utilization": busy_slot_steps / max(steps * slots, 1)}
         return ids, lengths, logps, finished
 
@@ -269,21 +272,64 @@ def _trim_left(cache, attn: torch.Tensor):
     return cache, attn[:, first:]
 
 
-def _merge_caches(cache_a, attn_a, cache_b, attn_b):
-    """Stack two KV caches along the batch, left-padding the shorter in time (masked out)."""
-    if cache_a is None:
-        return cache_b, attn_b
+def _merge_caches(config, cache, attn_a, new_kv: list[tuple[torch.Tensor, torch.Tensor]], attn_b):
+    """Stack new rows' per-layer (keys, values) under a KV cache, left-padding the shorter in time."""
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=config)
+        for i, (k, v) in enumerate(new_kv):
+            cache.update(k, v, i)
+        return cache, attn_b
     ta, tb = attn_a.shape[1], attn_b.shape[1]
     width = max(ta, tb)
 
     def pad(x: torch.Tensor, t: int) -> torch.Tensor:   # [B, H, T, D]: zeros on the left of time
         return torch.nn.functional.pad(x, (0, 0, width - t, 0)) if t < width else x
 
-    for la, lb in zip(_cache_layers(cache_a), _cache_layers(cache_b)):
-        la.keys = torch.cat([pad(la.keys, ta), pad(lb.keys, tb)])
-        la.values = torch.cat([pad(la.values, ta), pad(lb.values, tb)])
+    for layer, (k, v) in zip(_cache_layers(cache), new_kv):
+        layer.keys = torch.cat([pad(layer.keys, ta), pad(k, tb)])
+        layer.values = torch.cat([pad(layer.values, ta), pad(v, tb)])
     attn = torch.cat([
         torch.nn.functional.pad(attn_a, (width - ta, 0)),
         torch.nn.functional.pad(attn_b, (width - tb, 0)),
     ])
-    return cache_a, attn
+    return cache, attn
+
+
+class _PromptCache:
+    """Prefix caching within one generate call: each distinct prompt is prefilled once, and the G
+    sequences of a group start from copies of its KV cache and first-token logits."""
+
+    def __init__(self, engine: HFRolloutEngine, rows_in_order: list[list[int]], device: torch.device):
+        self.engine, self.device = engine, device
+        self.remaining: dict[tuple[int, ...], int] = {}
+        for r in rows_in_order:
+            self.remaining[tuple(r)] = self.remaining.get(tuple(r), 0) + 1
+        self.entries: dict[tuple[int, ...], tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]] = {}
+        self.prefill_calls = 0
+
+    def admit(self, prompts: list[list[int]]):
+        """(per-layer (keys, values) [n, H, P, D], attention mask [n, P], next positions [n], logits [n, V])."""
+        keys = [tuple(p) for p in prompts]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.entries))
+        if missing:
+            cache, attn, logits = self.engine._prefill([list(k) for k in missing], self.device)
+            lengths = attn.sum(1).tolist()
+            for i, (k, n) in enumerate(zip(missing, lengths)):
+                self.entries[k] = ([(layer.keys[i : i + 1, :, -n:], layer.values[i : i + 1, :, -n:]) for layer in cache.layers], logits[i])
+            self.prefill_calls += 1
+        width = max(len(k) for k in keys)
+        per_layer = []
+        for li in range(len(self.entries[keys[0]][0])):
+            ks = [torch.nn.functional.pad(self.entries[k][0][li][0], (0, 0, width - len(k), 0)) for k in keys]
+            vs = [torch.nn.functional.pad(self.entries[k][0][li][1], (0, 0, width - len(k), 0)) for k in keys]
+            per_layer.append((torch.cat(ks), torch.cat(vs)))
+        lengths = torch.tensor([len(k) for k in keys], device=self.device)
+        attn = (torch.arange(width, device=self.device) >= width - lengths[:, None]).long()
+        logits = torch.stack([self.entries[k][1] for k in keys])
+        for k in keys:                       # free a prompt's cache once its last sequence is admitted
+            self.remaining[k] -= 1
+            if self.remaining[k] == 0:
+                del self.entries[k]
+        return per_layer, attn, lengths, logits
