@@ -14,7 +14,8 @@ prompts, short for long ones, and predictable from the prompt's earlier completi
 2. Throughput: --prompts prompts × G = 64, --slots slots, after one warm-up round that gives the
    length predictor its history; generated tokens per second of naive micro-groups (the next
    micro-group starts when all slots are free) vs continuous refill, without and with
-   length-aware ordering.
+   length-aware ordering (those two get a warm-up round of 8 completions per prompt first, as the
+   length history).
 
 Prints a table and, as its last line, one JSON object. Run by hand; never asserted in tests.
 """
@@ -50,12 +51,19 @@ def make_engine(args, slots: int | None, scheduling: str, order: str) -> HFRollo
     early = math.log(args.hazard / (1 - args.hazard) * (cfg.vocab_size - 1))   # logits of a random model are ≈ equal
     late = math.log(cfg.vocab_size - 1)                                         # hazard 0.5
 
-    def eos_hazard(module, fwd_args, kwargs, output):
-        pos = kwargs["position_ids"][:, -1]
-        output.logits[:, -1, eos] += torch.where(pos >= args.stop_position, late, early)
+    last_positions = {}
+
+    def remember_positions(module, fwd_args, kwargs):      # the decoder sees every forward's position ids
+        last_positions["pos"] = kwargs["position_ids"][:, -1]
+
+    def eos_hazard(module, fwd_args, output):               # the LM head's logits, [rows, vocab] or [rows, 1, vocab]
+        pos = last_positions["pos"]
+        bias = torch.where(pos >= args.stop_position, late, early)
+        output[..., eos] += bias.view(-1, *([1] * (output.dim() - 2)))
         return output
 
-    model.register_forward_hook(eos_hazard, with_kwargs=True)
+    model.get_decoder().register_forward_pre_hook(remember_positions, with_kwargs=True)
+    model.get_output_embeddings().register_forward_hook(eos_hazard)
     return HFRolloutEngine(model, tok, max_concurrent_sequences=slots, scheduling=scheduling, length_order=order)
 
 
@@ -74,8 +82,8 @@ def child(args) -> None:
     lengths = [int(x) for x in args.child_prompts.split(",")]
     prompts, texts = prompts_of(lengths)
     engine.generate(*prompts_of([8]), 2, SamplingParams(max_new_tokens=4), seed=99)     # warm-up: kernels
-    if args.child_warm_round:
-        engine.generate(prompts, texts, args.group, params, seed=1)                  # length history
+    if args.child_warm_round:                       # a length history: 8 earlier completions per prompt
+        engine.generate(prompts, texts, 8, params, seed=1)
     gc.collect()
     base = psutil.Process().memory_info().rss
     start = time.perf_counter()
@@ -104,10 +112,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--slots", type=int, default=16)
-    ap.add_argument("--prompts", type=int, nargs="+", default=[16, 112, 208, 304], help="prompt lengths (tokens) of the throughput run")
-    ap.add_argument("--max-new-tokens", type=int, default=384)
-    ap.add_argument("--hazard", type=float, default=0.004)
-    ap.add_argument("--stop-position", type=int, default=384)
+    ap.add_argument("--prompts", type=int, nargs="+", default=[16, 144], help="prompt lengths (tokens) of the throughput run")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--hazard", type=float, default=0.005)
+    ap.add_argument("--stop-position", type=int, default=256)
+    ap.add_argument("--parts", nargs="+", choices=["memory", "throughput"], default=["memory", "throughput"])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-prompts", help=argparse.SUPPRESS)
     ap.add_argument("--child-slots", type=int, help=argparse.SUPPRESS)
@@ -120,6 +129,15 @@ def main() -> None:
 
     print(f"random Llama (SmolLM2-135M shape, {args.layers} layers), cpu fp32, {torch.get_num_threads()} threads; "
           f"G = {args.group}, max_new_tokens {args.max_new_tokens}, EOS hazard {args.hazard} before position {args.stop_position}")
+    report: dict = {"benchmark": "sampling", "layers": args.layers, "group": args.group, "slots": args.slots}
+    if "memory" in args.parts:
+        report["memory"] = memory_part(args)
+    if "throughput" in args.parts:
+        report["throughput"] = throughput_part(args)
+    print(json.dumps(report))
+
+
+def memory_part(args) -> dict:
     one = [args.prompts[0]]
     full = run_child(args, one, args.group, "micro_group", "none", False)
     micro = run_child(args, one, args.slots, "micro_group", "none", False)
@@ -129,6 +147,11 @@ def main() -> None:
         print(f"{name:<28} {int(r['slots']):>5} {r['peak_mib']:>9.0f} {r['tokens'] / r['seconds']:>9.1f}")
     mem_ratio = micro["peak_mib"] / max(full["peak_mib"], 1e-9)
     print(f"micro / full peak memory: {mem_ratio:.2f}")
+    return {"full_peak_mib": round(full["peak_mib"]), "micro_peak_mib": round(micro["peak_mib"]), "ratio": round(mem_ratio, 2),
+            "full_tokens_per_s": round(full["tokens"] / full["seconds"], 1), "micro_tokens_per_s": round(micro["tokens"] / micro["seconds"], 1)}
+
+
+def throughput_part(args) -> dict:
 
     runs = {
         "naive micro-groups": ("micro_group", "none"),
@@ -136,7 +159,7 @@ def main() -> None:
         "continuous + longest first": ("continuous", "longest_first"),
         "continuous + shortest first": ("continuous", "shortest_first"),
     }
-    results = {name: run_child(args, args.prompts, args.slots, sch, order, True) for name, (sch, order) in runs.items()}
+    results = {name: run_child(args, args.prompts, args.slots, sch, order, order != "none") for name, (sch, order) in runs.items()}
     first = next(iter(results.values()))
     print(f"\n2. throughput, prompts of {args.prompts} tokens × G {args.group}, {args.slots} slots "
           f"(completion lengths {first['lengths_min']}–{first['lengths_max']}, std {first['lengths_std']:.0f})")
@@ -150,10 +173,7 @@ def main() -> None:
                       "speedup_vs_naive": round(tps / base_tps, 2)}
         print(f"{name:<28} {r['seconds']:>8.1f} {r['tokens']:>7} {tps:>9.1f} {int(r['decode_steps']):>12} "
               f"{r['slot_utilization']:>7.0%} {tps / base_tps:>7.2f}x")
-    print(json.dumps({"benchmark": "sampling", "layers": args.layers, "group": args.group, "slots": args.slots,
-                      "memory": {"full_peak_mib": round(full["peak_mib"]), "micro_peak_mib": round(micro["peak_mib"]),
-                                 "ratio": round(mem_ratio, 2)},
-                      "throughput": rows}))
+    return rows
 
 
 if __name__ == "__main__":

@@ -2,6 +2,12 @@
 
     python benchmarks/step.py                       # the built-in model, then a random ~135M Llama
     python benchmarks/step.py --models builtin --steps 30
+    python benchmarks/step.py --variants off            # only the padded layout
+
+Variants: "off" runs the update and the old/reference log-probs on padded rows; "on" uses the
+shared-prefix packed layout (`model.shared_prefix: true`). Generation is the same engine in both
+(continuous batching with prefix caching; a random model never stops early, so it decodes every
+row for all 64 tokens).
 
 The ~135M model has SmolLM2-135M's shape (576 hidden, 30 layers, 9/3 heads, 49,152 vocab) with
 random weights and the built-in tokenizer, at TRL's benchmark settings: 8 prompts × G 4 × 64 new
@@ -29,6 +35,7 @@ from groupwise.model.loading import builtin_model_dir
 from groupwise.trainer import Trainer
 
 PARTS = ("generation", "scoring", "prepare", "update", "step")
+VARIANTS = {"off": ["model.shared_prefix=false", "model.padding_free=false"], "on": ["model.shared_prefix=true"]}
 
 
 def matmul_flops_per_second(n: int = 1024, reps: int = 20) -> float:
@@ -94,6 +101,7 @@ def main() -> None:
     ap.add_argument("--models", default="builtin,135m")
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default: 20 builtin, 3 for 135m)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--variants", default="off,on", help="off: padded layout; on: shared-prefix packed layout (model.shared_prefix)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,22 +110,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in args.models.split(","):
-            if name == "builtin":
-                results.append(run(name, "builtin", [], args.steps or 20, 3, tmp / "run-builtin"))
-            elif name == "135m":
-                path = make_135m(tmp / "llama135m")
-                overrides = ["rollout.prompts_per_step=8", "rollout.num_generations=4", "rollout.max_new_tokens=64", "optimizer.lr=1e-6"]
-                results.append(run(name, str(path), overrides, args.steps or 3, 1, tmp / "run-135m"))
-            else:
-                raise SystemExit(f"unknown model '{name}' (builtin, 135m)")
+            for variant in args.variants.split(","):
+                layout = VARIANTS[variant]
+                if name == "builtin":
+                    r = run(name, "builtin", layout, args.steps or 20, 3, tmp / f"run-builtin-{variant}")
+                elif name == "135m":
+                    path = tmp / "llama135m"
+                    if not path.exists():
+                        make_135m(path)
+                    overrides = ["rollout.prompts_per_step=8", "rollout.num_generations=4", "rollout.max_new_tokens=64", "optimizer.lr=1e-6"]
+                    r = run(name, str(path), overrides + layout, args.steps or 3, 1, tmp / f"run-135m-{variant}")
+                else:
+                    raise SystemExit(f"unknown model '{name}' (builtin, 135m)")
+                r["variant"] = variant
+                results.append(r)
 
     print(f"\nfp32 matmul rate on this machine: {rate / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)\n")
-    print(f"{'model':<9}{'completions':>12}{'gen tok':>9}{'generation':>12}{'scoring':>9}{'prepare':>9}{'update':>9}{'step':>9}{'floor':>9}{'step/floor':>12}")
+    print(f"{'model':<9}{'layout':>8}{'completions':>12}{'gen tok':>9}{'generation':>12}{'scoring':>9}{'prepare':>9}{'update':>9}{'step':>9}{'floor':>9}{'step/floor':>12}")
     for r in results:
         s = r["seconds"]
         r["floor_seconds"] = r["flops"] / rate
         r["step_over_floor"] = s["step"] / r["floor_seconds"]
-        print(f"{r['model']:<9}{r['completions']:>12}{r['generated_tokens']:>9.0f}{s['generation']:>11.3f}s{s['scoring']:>8.3f}s"
+        print(f"{r['model']:<9}{r['variant']:>8}{r['completions']:>12}{r['generated_tokens']:>9.0f}{s['generation']:>11.3f}s{s['scoring']:>8.3f}s"
               f"{s['prepare']:>8.3f}s{s['update']:>8.3f}s{s['step']:>8.3f}s{r['floor_seconds']:>8.3f}s{r['step_over_floor']:>11.1f}×")
     print(json.dumps({"matmul_gflops": rate / 1e9, "threads": torch.get_num_threads(), "results": results}))
 

@@ -158,3 +158,18 @@ def test_length_predictor_and_order():
     assert order_sequences([3.0, 1.0, 3.0, 2.0], "shortest_first") == [1, 3, 0, 2]
     assert order_sequences([3.0, 1.0, 3.0, 2.0], "longest_first") == [0, 2, 3, 1]
     assert order_sequences([3.0, 1.0, 3.0, 2.0], "none") == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("schedule", [dict(), dict(max_concurrent_sequences=3)], ids=["all", "3-slots"])
+def test_slot_cache_and_dynamic_cache_paths_agree(engine, schedule):
+    # Models whose attention cannot take the slot cache decode with transformers' DynamicCache.
+    eng, prompts = engine
+    texts = [p.text for p in prompts]
+    params = SamplingParams(max_new_tokens=6, temperature=1.2)
+    slot = HFRolloutEngine(eng.model, eng.tokenizer, **schedule)
+    dynamic = HFRolloutEngine(eng.model, eng.tokenizer, **schedule)
+    dynamic._use_slots = False
+    a, b = slot.generate(prompts, texts, 4, params, seed=4), dynamic.generate(prompts, texts, 4, params, seed=4)
+    assert slot._use_slots is True
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.finished, b.finished)
+    torch.testing.assert_close(a.sampling_logprobs, b.sampling_logprobs, atol=1e-5, rtol=0)

@@ -202,6 +202,8 @@ def unsupported_reason(model_class: type, config) -> str | None:
         return f"{name} has {sorted(set(layer_types) - {'full_attention'})} layers; only full causal attention can be packed"
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         return f"{name} uses sliding-window attention; only full causal attention can be packed"
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
+        return f"{name} rescales its output logits outside the LM head"
     if getattr(config, "attn_logit_softcapping", None):
         return f"{name} soft-caps attention logits, which scaled_dot_product_attention cannot"
     if "sink" in " ".join(getattr(config, "layer_types", None) or []) or getattr(config, "attention_sink", False):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from groupwise.model.logprobs import position_ids_from_mask
+from groupwise.model.packing import unsupported_reason
 from groupwise.rollout.base import SamplingParams
 from groupwise.rollout.scheduling import (
     LengthOrder, LengthPredictor, concurrent_sequences, kv_bytes_per_token, order_sequences, sequence_uniforms,
@@ -109,6 +110,7 @@ class HFRolloutEngine:
         self.length_order = length_order
         self.max_prompt_length = max_prompt_length
         self.lengths = LengthPredictor(default=0.0)
+        self._use_slots: bool | None = None       # decided on first use (slot KV cache, else DynamicCache)
         self.last_stats: dict[str, float] = {}
         self.pad_id = int(tokenizer.pad_token_id)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -182,7 +184,126 @@ class HFRolloutEngine:
         )
         return out.past_key_values, attn, out.logits[:, -1]
 
-    def _decode(self, rows: list[list[int]], order: list[int], params: SamplingParams, seed: int, slots: int, device: torch.device):
+    def _decode(self, rows, order, params: SamplingParams, seed: int, slots: int, device: torch.device):
+        """Decode with the slot KV cache when the model's attention allows it, else with DynamicCache."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if self._use_slots is None:
+            self._use_slots = unsupported_reason(type(base), base.config) is None
+        if self._use_slots:
+            return self._decode_slots(rows, order, params, seed, slots, device)
+        return self._decode_dynamic(rows, order, params, seed, slots, device)
+
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, seed: int, seqs: torch.Tensor, steps: torch.Tensor):
+        scaled = logits.float() / params.temperature
+        logp_all = torch.log_softmax(scaled, dim=-1)
+        if params.greedy:
+            nxt = scaled.argmax(-1)
+        else:
+            probs = torch.softmax(filter_top_k_top_p(scaled, params.top_k, params.top_p), dim=-1)
+            nxt = sample_categorical(probs, sequence_uniforms(seed, seqs, steps))
+        return nxt, logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+
+    def _prefill_slots(self, prompts: list[list[int]], device: torch.device):
+        """Prefill distinct prompts (right-padded) with slot attention: their stacked keys/values
+        `[layers, B, kv_heads, P, D]` and the logits after each prompt's last token."""
+        from groupwise.rollout.slot_cache import SlotKVCache, slot_forward
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(device)
+        capture = SlotKVCache.__new__(SlotKVCache)
+        capture.mode, capture.prefill_kv = "prefill", []
+        positions = torch.arange(width, device=device).expand(len(prompts), -1)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        logits = slot_forward(self.model, ids, positions, capture, last)
+        keys = torch.stack([k for k, _ in capture.prefill_kv])
+        values = torch.stack([v for _, v in capture.prefill_kv])
+        return keys, values, logits
+
+    def _decode_slots(self, rows, order, params: SamplingParams, seed: int, slots: int, device: torch.device):
+        """The continuous-batching loop over a `SlotKVCache`; same contract as `_decode_dynamic`."""
+        from groupwise.rollout.slot_cache import SlotKVCache, slot_forward
+        from groupwise.rollout.scheduling import text_config
+
+        n, max_new = len(rows), params.max_new_tokens
+        cfg = text_config(self.model.config)
+        param = next(self.model.parameters())
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        capacity = max(len(r) for r in rows) + max_new
+        cache = SlotKVCache(cfg.num_hidden_layers, slots, capacity, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                            head_dim, param.dtype, device)
+        eos = torch.tensor(self.eos_ids, device=device)
+        ids = torch.full((n, max_new), self.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros(n, max_new, dtype=torch.float32, device=device)
+        lengths = torch.zeros(n, dtype=torch.long, device=device)
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        slot_seq = torch.zeros(slots, dtype=torch.long, device=device)     # the sequence in each slot
+        logits = torch.zeros(0, device=device)
+        pending = list(reversed(order))
+        remaining: dict[tuple[int, ...], int] = {}
+        for r in rows:
+            remaining[tuple(r)] = remaining.get(tuple(r), 0) + 1
+        prompt_kv: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        refill_at = max(1, slots // 8)
+        steps = admissions = prefills = busy = 0
+        while pending or cache.active:
+            free = slots - cache.active
+            if pending and (cache.active == 0 or (self.scheduling == "continuous" and free >= min(refill_at, len(pending)))):
+                new = [pending.pop() for _ in range(min(free, len(pending)))]
+                missing = list(dict.fromkeys(tuple(rows[i]) for i in new if tuple(rows[i]) not in prompt_kv))
+                if missing:                       # prefix caching: each prompt is prefilled once per call
+                    k, v, lg = self._prefill_slots([list(m) for m in missing], device)
+                    for j, m in enumerate(missing):
+                        prompt_kv[m] = (k[:, j, :, : len(m)], v[:, j, :, : len(m)], lg[j])
+                    prefills += 1
+                new_logits = []
+                for i in new:
+                    key = tuple(rows[i])
+                    pk, pv, lg = prompt_kv[key]
+                    cache.put(cache.active, pk, pv)
+                    slot_seq[cache.active] = i
+                    cache.active += 1
+                    new_logits.append(lg)
+                    remaining[key] -= 1
+                    if remaining[key] == 0:
+                        del prompt_kv[key]
+                logits = torch.cat([logits.view(-1, new_logits[0].shape[-1]), torch.stack(new_logits)])
+                admissions += 1
+            r = cache.active
+            seqs = slot_seq[:r]
+            t = lengths[seqs]
+            nxt, lp = self._sample(logits, params, seed, seqs, t)
+            ids[seqs, t] = nxt
+            logps[seqs, t] = lp
+            lengths[seqs] = t + 1
+            hit_eos = torch.isin(nxt, eos)
+            finished[seqs] = hit_eos
+            done = hit_eos | (t + 1 >= max_new)
+            steps += 1
+            busy += r
+            if bool(done.any()):
+                for s in sorted(done.nonzero().squeeze(-1).tolist(), reverse=True):   # refill a freed slot from the last
+                    last = cache.active - 1
+                    if s != last:
+                        cache.move(last, s)
+                        slot_seq[s] = slot_seq[last]
+                        nxt[s] = nxt[last]
+                    cache.active -= 1
+                nxt = nxt[: cache.active]
+            if cache.active == 0:
+                logits = torch.zeros(0, device=device)
+                continue
+            cache.begin_decode()
+            pos = cache.lens[: cache.active].clone()
+            logits = slot_forward(self.model, nxt.unsqueeze(-1), pos.unsqueeze(-1), cache, torch.zeros_like(pos))
+            cache.lens[: cache.active] += 1
+        self.last_stats = {"decode_steps": float(steps), "slots": float(slots), "admissions": float(admissions),
+                           "prefill_calls": float(prefills), "slot_utilization": busy / max(steps * slots, 1)}
+        return ids, lengths, logps, finished
+
+    def _decode_dynamic(self, rows: list[list[int]], order: list[int], params: SamplingParams, seed: int, slots: int, device: torch.device):
         """Decode every row (admitted in `order`, at most `slots` at once) to EOS or max_new_tokens.
 
         Returns `(ids[N, max_new], lengths[N], logprobs[N, max_new], finished[N])` in row order.

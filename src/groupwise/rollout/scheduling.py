@@ -42,9 +42,14 @@ def sequence_uniforms(seed: int, sequences: torch.Tensor, steps: torch.Tensor) -
     return torch.from_numpy(u).to(sequences.device)
 
 
+def text_config(config):
+    """The language model's own config (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes of keys + values one token occupies in the KV cache, over all layers."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     return 2 * text.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
