@@ -158,12 +158,13 @@ def throughput_part(args) -> dict:
         "continuous": ("continuous", "none"),
         "continuous + longest first": ("continuous", "longest_first"),
         "continuous + shortest first": ("continuous", "shortest_first"),
+        "continuous + longest, then SJF": ("continuous", "longest_then_shortest"),
     }
     results = {name: run_child(args, args.prompts, args.slots, sch, order, order != "none") for name, (sch, order) in runs.items()}
     first = next(iter(results.values()))
     print(f"\n2. throughput, prompts of {args.prompts} tokens × G {args.group}, {args.slots} slots "
           f"(completion lengths {first['lengths_min']}–{first['lengths_max']}, std {first['lengths_std']:.0f})")
-    print(f"{'scheduling':<28} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'decode steps':>12} {'slot use':>8} {'vs naive':>8}")
+    print(f"{'scheduling':<31} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'decode steps':>12} {'slot use':>8} {'vs naive':>8}")
     base_tps = first["tokens"] / first["seconds"]
     rows = {}
     for name, r in results.items():
@@ -171,7 +172,7 @@ def throughput_part(args) -> dict:
         rows[name] = {"seconds": round(r["seconds"], 2), "tokens": r["tokens"], "tokens_per_s": round(tps, 1),
                       "decode_steps": int(r["decode_steps"]), "slot_utilization": round(r["slot_utilization"], 3),
                       "speedup_vs_naive": round(tps / base_tps, 2)}
-        print(f"{name:<28} {r['seconds']:>8.1f} {r['tokens']:>7} {tps:>9.1f} {int(r['decode_steps']):>12} "
+        print(f"{name:<31} {r['seconds']:>8.1f} {r['tokens']:>7} {tps:>9.1f} {int(r['decode_steps']):>12} "
               f"{r['slot_utilization']:>7.0%} {tps / base_tps:>7.2f}x")
     return rows
 

@@ -82,6 +82,7 @@ SCHEDULES = [
     dict(max_concurrent_sequences=3),                                    # continuous, 3 slots
     dict(max_concurrent_sequences=5, scheduling="micro_group"),
     dict(max_concurrent_sequences=4, length_order="shortest_first"),
+    dict(max_concurrent_sequences=4, length_order="longest_then_shortest"),
     dict(max_concurrent_sequences=1),
 ]
 
@@ -158,6 +159,8 @@ def test_length_predictor_and_order():
     assert order_sequences([3.0, 1.0, 3.0, 2.0], "shortest_first") == [1, 3, 0, 2]
     assert order_sequences([3.0, 1.0, 3.0, 2.0], "longest_first") == [0, 2, 3, 1]
     assert order_sequences([3.0, 1.0, 3.0, 2.0], "none") == [0, 1, 2, 3]
+    # two-stage: the initial fill (2 slots) takes the longest, refills the shortest remaining
+    assert order_sequences([3.0, 1.0, 4.0, 2.0, 5.0], "longest_then_shortest", slots=2) == [4, 2, 1, 3, 0]
 
 
 @pytest.mark.parametrize("schedule", [dict(), dict(max_concurrent_sequences=3)], ids=["all", "3-slots"])

@@ -144,12 +144,13 @@ class HFRolloutEngine:
         group_id = torch.arange(len(prompts)).repeat_interleave(num_generations)
         keys = [p.index if p.index >= 0 else text for p, text in zip(prompts, prompt_texts)]
         row_keys = [k for k in keys for _ in range(num_generations)]
-        order = order_sequences([self.lengths.predict(k) for k in row_keys], self.length_order)
+        slots = self.slots_for(rows, params.max_new_tokens)
+        order = order_sequences([self.lengths.predict(k) for k in row_keys], self.length_order, slots)
 
         was_training = self.model.training
         self.model.eval()
         try:
-            ids, lengths, logprobs, finished = self._decode(rows, order, params, seed, self.slots_for(rows, params.max_new_tokens), device)
+            ids, lengths, logprobs, finished = self._decode(rows, order, params, seed, slots, device)
         finally:
             self.model.train(was_training)
         self.lengths.update(row_keys, lengths.tolist())
@@ -246,7 +247,7 @@ class HFRolloutEngine:
         for r in rows:
             remaining[tuple(r)] = remaining.get(tuple(r), 0) + 1
         prompt_kv: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        refill_at = max(1, slots // 8)
+        refill_at = 1                               # an admission copies only the prompt's KV into the freed slot
         steps = admissions = prefills = busy = 0
         while pending or cache.active:
             free = slots - cache.active

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-LengthOrder = Literal["none", "shortest_first", "longest_first"]
+LengthOrder = Literal["none", "shortest_first", "longest_first", "longest_then_shortest"]
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -99,11 +99,23 @@ class LengthPredictor:
             self.count += len(ns)
 
 
-def order_sequences(predicted: list[float], order: LengthOrder) -> list[int]:
-    """Indices of the sequences in the order they are admitted to free slots (ties keep request order)."""
+def order_sequences(predicted: list[float], order: LengthOrder, slots: int | None = None) -> list[int]:
+    """Indices of the sequences in the order they are admitted to free slots (ties keep request order).
+
+    "longest_then_shortest" is Infinite Sampling's two-stage plan in simple form: the first `slots`
+    admissions (the initial fill) take the longest predicted sequences, so the long ones start
+    early and do not form the tail; every later refill takes the shortest remaining one (SJF).
+    (The paper plans the initial grouping with an FPTAS; the greedy longest-first fill is the
+    classical LPT heuristic for the same makespan objective.)
+    """
     idx = list(range(len(predicted)))
+    shortest = sorted(idx, key=lambda i: (predicted[i], i))
     if order == "shortest_first":
-        return sorted(idx, key=lambda i: (predicted[i], i))
+        return shortest
     if order == "longest_first":
         return sorted(idx, key=lambda i: (-predicted[i], i))
+    if order == "longest_then_shortest":
+        first = sorted(idx, key=lambda i: (-predicted[i], i))[: slots or len(idx)]
+        taken = set(first)
+        return first + [i for i in shortest if i not in taken]
     return idx
