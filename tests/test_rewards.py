@@ -135,7 +135,7 @@ def test_soft_overlong_validation(kwargs):
 
 def test_load_builtin_unknown_and_bad_kwargs():
     assert callable(load_reward_function("exact_answer", {"extract": "full"}))
-    with pytest.raises(UnknownPartError, match="known: exact_answer, format, math_verify, soft_overlong"):
+    with pytest.raises(UnknownPartError, match="known: code_tests, exact_answer, format, math_verify, soft_overlong"):
         load_reward_function("nonexistent", {})
     with pytest.raises(RewardError, match=r"built-in reward 'exact_answer' cannot be built with the arguments \['column'\]"):
         load_reward_function("exact_answer", {"column": "x"})

@@ -10,5 +10,6 @@ from groupwise.rewards.contract import (
     register_reward,
 )
 from groupwise.rewards import builtin  # noqa: F401  (registers the built-ins)
+from groupwise.rewards import code  # noqa: F401
 
 __all__ = ["REWARDS", "RewardError", "RewardRunner", "load_reward_function", "register_reward"]
