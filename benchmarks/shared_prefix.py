@@ -10,8 +10,8 @@ micro-batches of --micro-rows rows so that it fits in memory, gradients accumula
 packed row `[prompt, c_1 … c_G]` through `groupwise.model.packing`.
 
 Theoretical token ratio = G·(P + C) / (P + G·C): how many fewer tokens the linear layers see.
-Each cell runs in a fresh process. Peak memory = the resident-set high-water mark (ru_maxrss)
-above the level just before the timed runs on CPU, or torch.cuda.max_memory_allocated above the
+Each cell runs in a fresh process, with one untimed warm-up pass at the measured shape. Peak memory = the resident-set high-water mark (ru_maxrss)
+above the level just before the warm-up on CPU, or torch.cuda.max_memory_allocated above the
 allocated level on GPU. Prints a table and, as its last line, one JSON object.
 Run by hand; never asserted in tests.
 """
@@ -92,9 +92,17 @@ def child(args) -> None:
     """One (prompt, G, layout) in a fresh process, so that peak memory is its own."""
     dtype = getattr(torch, args.dtype)
     model = make_model(args.device, dtype, args.layers)
-    # warm-up on a tiny shape: first calls pick kernels; its memory peak stays far below the measured one
-    forward_backward(model, *group_batch(16, 2, 8, model.config.vocab_size, args.device), args.layout, args.micro_rows)
+    # warm-up at the measured shape (untimed): the first passes pick kernels and fault in fresh pages,
+    # which costs the one large packed row far more than the per-sequence micro-batches
+    ids, attn, cmask, gid = group_batch(args.prompt, args.g, args.completion_length, model.config.vocab_size, args.device)
+    gc.collect()
+    base = psutil.Process().memory_info().rss
+    forward_backward(model, ids, attn, cmask, gid, args.layout, args.micro_rows)
+    model.zero_grad(set_to_none=True)
+    del ids, attn, cmask, gid
     seconds, mib = measure(model, args.layout, args.prompt, args.g, args.completion_length, args.repeats, args.micro_rows, args.device)
+    if not args.device.startswith("cuda"):
+        mib = (peak_rss_bytes() - base) / 2**20      # the warm-up run has the same shape: same peak
     print(json.dumps({"seconds": seconds, "peak_mib": mib, "params": sum(p.numel() for p in model.parameters())}))
 
 

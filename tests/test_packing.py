@@ -224,7 +224,8 @@ def test_trainer_refuses_a_sliding_window_model_before_loading(tmp_path, small_c
         Trainer(config)
 
 
-@pytest.mark.parametrize("layout", [{"model.shared_prefix": True}, {"model.padding_free": True}], ids=["shared_prefix", "padding_free"])
+@pytest.mark.parametrize("layout", [{"model.shared_prefix": True}, {"model.shared_prefix": False, "model.padding_free": True}],
+                         ids=["shared_prefix", "padding_free"])
 def test_training_with_a_packed_layout_equals_the_padded_run(tmp_path, small_config, layout):
     """Three steps with μ = 2, two mini-batches, micro-batches that split groups and a KL term:
     the same metrics and parameters as the padded layout, up to floating-point rounding."""
@@ -233,9 +234,10 @@ def test_training_with_a_packed_layout_equals_the_padded_run(tmp_path, small_con
     common = {"algorithm.num_iterations": 2, "algorithm.mini_batches": 2, "optimizer.micro_batch_size": 2,
               "algorithm.kl.coef": 0.05, "logging.samples_every": 0, "checkpoint.save_final": False}
     runs = {}
-    for name, extra in (("padded", {}), ("packed", layout)):
+    padded = {"model.shared_prefix": False, "model.padding_free": False}
+    for name, extra in (("padded", padded), ("packed", layout)):
         trainer = Trainer(small_config(run_dir=tmp_path / name, **common, **extra))
-        assert trainer.layout == ("padded" if not extra else next(iter(extra)).split(".")[1].replace("padding_free", "packed"))
+        assert trainer.layout == ("padded" if extra is padded else "shared_prefix" if extra["model.shared_prefix"] else "packed")
         metrics = [trainer.train_step() for _ in range(3)]
         runs[name] = (metrics, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
     (m_pad, p_pad), (m_packed, p_packed) = runs["padded"], runs["packed"]
