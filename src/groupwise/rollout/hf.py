@@ -214,8 +214,7 @@ class HFRolloutEngine:
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         ids = ids.to(device)
-        capture = SlotKVCache.__new__(SlotKVCache)
-        capture.mode, capture.prefill_kv = "prefill", []
+        capture = SlotKVCache.prefill_capture()
         positions = torch.arange(width, device=device).expand(len(prompts), -1)
         last = torch.tensor([len(p) - 1 for p in prompts], device=device)
         logits = slot_forward(self.model, ids, positions, capture, last)
@@ -332,16 +331,10 @@ class HFRolloutEngine:
                 logits = lg if logits is None else torch.cat([logits, lg])
                 active = torch.cat([active, torch.tensor(new, dtype=torch.long, device=device)])
                 admitted_rounds += 1
-            scaled = logits.float() / params.temperature
-            logp_all = torch.log_softmax(scaled, dim=-1)
-            if params.greedy:
-                nxt = scaled.argmax(-1)
-            else:
-                probs = torch.softmax(filter_top_k_top_p(scaled, params.top_k, params.top_p), dim=-1)
-                nxt = sample_categorical(probs, sequence_uniforms(seed, active, lengths[active]))
             t = lengths[active]
+            nxt, lp = self._sample(logits, params, seed, active, t)
             ids[active, t] = nxt
-            logps[active, t] = logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+            logps[active, t] = lp
             lengths[active] = t + 1
             hit_eos = torch.isin(nxt, eos)
             finished[active] = hit_eos

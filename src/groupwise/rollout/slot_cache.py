@@ -33,6 +33,13 @@ class SlotKVCache:
         self._mask: torch.Tensor | None = None
         self._width = 0
 
+    @classmethod
+    def prefill_capture(cls) -> "SlotKVCache":
+        """A storage-less cache for a prefill pass: `slot_attention` appends each layer's keys/values."""
+        cache = cls(0, 0, 0, 0, 0, torch.float32, "cpu")
+        cache.mode = "prefill"
+        return cache
+
     def begin_decode(self) -> None:
         """Before a decode forward: the write index of each active slot and the mask it implies."""
         lens = self.lens[: self.active]
