@@ -273,3 +273,30 @@ def test_train_step_advances_the_step_and_returns_metrics(small_config):
     assert trainer.step == 1 and first["tokens_generated"] > 0
     trainer.train_step()
     assert trainer.step == 2
+
+
+def test_gdpo_aggregation_feeds_the_estimator_and_errors_are_logged_per_function(small_config, monkeypatch):
+    """normalize_then_sum reaches the advantage estimator; metrics keep the raw weighted sum."""
+    from groupwise.algorithms import reward_aggregation
+
+    seen = []
+    real = reward_aggregation.group_normalized_sum
+
+    def spy(values, weights, group_id, **kw):
+        seen.append((values.clone(), group_id.clone()))
+        return real(values, weights, group_id, **kw)
+
+    monkeypatch.setitem(reward_aggregation.REWARD_AGGREGATIONS._items, "normalize_then_sum", spy)
+    cfg = small_config(**{
+        "schedule.steps": 2, "rewards.aggregation": "normalize_then_sum", "algorithm.advantage": "batch_std",
+        "rewards.functions": [{"name": "exact_answer", "kwargs": {"extract": "full"}},
+                              {"name": "format", "weight": 0.5, "kwargs": {"pattern": r"\d+"}}],
+    })
+    trainer = Trainer(cfg)
+    trainer.train()
+    rows = read_metrics(trainer.run_dir)
+    assert len(seen) == 2 and seen[0][0].shape == (16, 2)
+    for row in rows:
+        assert row["rewards/exact_answer/errors"] == 0.0 and row["rewards/format/errors"] == 0.0
+        expected_mean = row["rewards/exact_answer/mean"] + 0.5 * row["rewards/format/mean"]
+        assert abs(row["reward/mean"] - expected_mean) < 1e-5   # reward/mean stays the weighted raw sum

@@ -89,7 +89,9 @@ def _default_rewards() -> list[RewardFunctionConfig]:
 
 class RewardsConfig(_Section):
     functions: list[RewardFunctionConfig] = Field(default_factory=_default_rewards, min_length=1)
-    on_error: Literal["raise", "zero"] = "raise"
+    on_error: Literal["raise", "zero"] = Field("raise", description="a reward that raises, times out, returns the wrong count or a non-finite value: raise names it and the sample; zero scores 0 and counts it in reward_errors")
+    timeout_s: float | None = Field(300.0, gt=0.0, description="time limit of one reward function's call on one batch; null = none")
+    aggregation: str = Field("sum_then_normalize", description="how K rewards become one: sum_then_normalize (weighted sum) or normalize_then_sum (GDPO: z-score each within its group, then sum; pair with algorithm.advantage: batch_std)")
     accuracy_function: str | None = Field(None, description="the reward whose score decides 'correct'; default: the first function")
     correct_threshold: float = Field(1.0, description="a completion is correct when the accuracy function's score ≥ this")
 
@@ -309,6 +311,10 @@ def _check_consistency(cfg: Config) -> None:
     names = [f.name for f in cfg.rewards.functions]
     if cfg.rewards.accuracy_function is not None and cfg.rewards.accuracy_function not in names:
         raise ValueError(f"rewards.accuracy_function '{cfg.rewards.accuracy_function}' is not one of rewards.functions: {', '.join(names)}")
+    from groupwise.algorithms.reward_aggregation import REWARD_AGGREGATIONS
+
+    if cfg.rewards.aggregation not in REWARD_AGGREGATIONS:
+        raise ValueError(f"rewards.aggregation '{cfg.rewards.aggregation}' is unknown; known: {', '.join(REWARD_AGGREGATIONS.names())}")
     if cfg.data.train.startswith("builtin:") and cfg.data.train != "builtin:arithmetic":
         raise ValueError(f"data.train '{cfg.data.train}' is not a built-in task; known: builtin:arithmetic")
     dev = cfg.device

@@ -29,13 +29,14 @@ def run_eval(target: str | None, overrides: list[str], k: int | None) -> dict:
     prompts = load_eval_prompts(config.data)
     if not prompts:
         raise ConfigError("there are no held-out prompts to evaluate: set data.eval to a dataset path")
-    runner = RewardRunner(config.rewards.functions, on_error=config.rewards.on_error)
+    runner = RewardRunner(config.rewards.functions, on_error=config.rewards.on_error, timeout_s=config.rewards.timeout_s)
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(config.model)
     model = load_policy(config.model, device)       # the base (plus an empty adapter under LoRA)
     if latest is not None:
         ckpt.load_model_weights(model, latest)      # then the trained weights or adapter
     model.eval()
+    runner.bind(device=device, model=model, tokenizer=tokenizer)
     engine = rollout_engine(model, tokenizer, config)
     results = evaluate(engine, tokenizer, prompts, runner, config, k=config.eval.k if k is None else k, seed=config.seed)
     return {"model": str(latest or config.model.path), **results}

@@ -32,8 +32,10 @@ def score_rollout(reward_runner: Any, rollout: RolloutBatch, trainer_state: dict
     """Call every reward function on a rollout with the TRL contract (prompts repeated per completion)."""
     prompts = [rollout.prompts[g] for g in rollout.group_id.tolist()]
     completion_ids = [ids[: int(n)] for ids, n in zip(rollout.completion_ids.tolist(), rollout.completion_lengths.tolist())]
+    prompt_ids = [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(rollout.prompt_ids.tolist(), rollout.prompt_mask.tolist())]
     return reward_runner.score(
-        [p.as_reward_input for p in prompts], rollout.completions_text, completion_ids, rollout.row_columns(), trainer_state=trainer_state
+        [p.as_reward_input for p in prompts], rollout.completions_text, completion_ids, rollout.row_columns(),
+        trainer_state=trainer_state, group_ids=rollout.group_id.tolist(), prompt_ids=prompt_ids,
     )
 
 

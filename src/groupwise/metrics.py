@@ -113,6 +113,8 @@ def step_metrics(rollout, scores, rewards, advantages, accuracy_index: int, corr
     for k, name in enumerate(scores.names):
         m[f"rewards/{name}/mean"] = float(torch.nanmean(scores.values[:, k]))
         m[f"rewards/{name}/std"] = _nanstd(scores.values[:, k])
+        if scores.function_errors is not None:
+            m[f"rewards/{name}/errors"] = float(scores.function_errors[k])
     m.update({f"time/{k}": v for k, v in times.items()})
     m["tokens_per_second"] = tokens / max(times["generation"], 1e-9)
     return m

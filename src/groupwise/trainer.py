@@ -7,6 +7,7 @@ One step (one generation round):
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ from groupwise import checkpoint as ckpt
 from groupwise.algorithms import ObjectiveParts, StepCounts, compute_advantages, policy_objective
 from groupwise.algorithms.advantages import AdvantageContext
 from groupwise.algorithms.controllers import AdaptiveEntropyController, AdaptiveKLController, FixedKLController, kl_in_reward
+from groupwise.algorithms.reward_aggregation import aggregate_rewards
 from groupwise.algorithms.filters import (
     d3s_sample_keep, d3s_token_mask, dynamic_sampling_keep, gfpo_keep, mask_truncated_completions, top_entropy_token_mask,
 )
@@ -39,6 +41,8 @@ from groupwise.optim import build_optimizer, build_scheduler
 from groupwise.rewards import RewardRunner
 from groupwise.rollout import SamplingParams, rollout_engine
 from groupwise.types import RolloutBatch, ScoredGroups, TrainBatch
+
+logger = logging.getLogger("groupwise.trainer")
 
 
 @dataclass
@@ -81,8 +85,12 @@ class Trainer:
         # Everything that can fail on bad input is checked before the model is loaded.
         self.train_prompts = load_train_prompts(cfg.data, cfg.seed)
         self.eval_prompts = load_eval_prompts(cfg.data)
-        self.rewards = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error)
+        self.rewards = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error, timeout_s=cfg.rewards.timeout_s)
         self.accuracy_index = accuracy_index(cfg.rewards, self.rewards.names)
+        if cfg.rewards.aggregation == "normalize_then_sum" and cfg.algorithm.advantage != "batch_std":
+            logger.warning("rewards.aggregation normalize_then_sum with algorithm.advantage %s: GDPO (arXiv 2601.05242) "
+                           "normalizes the summed z-scores over the batch, which is algorithm.advantage: batch_std",
+                           cfg.algorithm.advantage)
 
         self.tokenizer = load_tokenizer(cfg.model)
         self.layout = cfg.model.sequence_layout
@@ -94,6 +102,7 @@ class Trainer:
         self.ref_model = None
         if cfg.algorithm.kl.coef > 0 and not cfg.model.lora.enabled:
             self.ref_model = load_reference(cfg.model, self.device)
+        self.rewards.bind(device=self.device, model=self.model, tokenizer=self.tokenizer)  # self-certainty, reward models
         self.engine = rollout_engine(self.model, self.tokenizer, cfg)
         self.optimizer_steps_per_step = cfg.algorithm.num_iterations * cfg.algorithm.mini_batches
         self.optimizer = build_optimizer(trainable_parameters(self.model), cfg.optimizer)
@@ -181,7 +190,7 @@ class Trainer:
         # 1–3. prompts → groups of completions → scores (more rounds under dynamic sampling)
         collected, collect_metrics = self._collect()
         rollout, scores = collected.rollout, collected.scores
-        rewards = scores.total().to(self.device)
+        rewards = scores.total().to(self.device)   # the weighted sum: what metrics and filters read
         t1 = time.perf_counter()
 
         # 4. row filters, old / reference log-probs, KL-in-reward, advantages
@@ -191,9 +200,11 @@ class Trainer:
             row_keep = gfpo_keep(rewards, rollout.group_id, lengths, alg.gfpo.keep, alg.gfpo.metric)
         batch = self._train_batch(rollout)
         self._behaviour_and_reference_logprobs(batch)
-        scored = rewards
+        scored = rewards                          # what the advantage estimator reads
+        if cfg.rewards.aggregation != "sum_then_normalize":
+            scored = aggregate_rewards(cfg.rewards.aggregation, scores.values.to(self.device), scores.weights, rollout.group_id)
         if alg.kl.coef > 0 and alg.kl.placement == "reward":
-            scored = kl_in_reward(rewards, batch.old_logprobs, batch.ref_logprobs, batch.completion_mask, self.kl_controller.coef, alg.kl.estimator)
+            scored = kl_in_reward(scored, batch.old_logprobs, batch.ref_logprobs, batch.completion_mask, self.kl_controller.coef, alg.kl.estimator)
         if row_keep is not None:
             scored = torch.where(row_keep, scored, torch.full_like(scored, float("nan")))
         ctx = AdvantageContext(

@@ -127,6 +127,7 @@ class Scores:
     names: list[str]
     weights: torch.Tensor                 # [K]
     num_errors: int = 0                   # scores replaced by 0 under rewards.on_error: zero
+    function_errors: list[int] | None = None  # the same, per function [K]
 
     def total(self) -> torch.Tensor:
         """Weighted sum over functions, NaN treated as absent; a row NaN for every function stays NaN."""
@@ -134,6 +135,11 @@ class Scores:
         all_nan = torch.isnan(v).all(dim=-1)
         total = torch.nansum(v * self.weights, dim=-1)
         return torch.where(all_nan, torch.full_like(total, float("nan")), total)
+
+
+def _sum_lists(lists: list[list[int] | None]) -> list[int] | None:
+    present = [x for x in lists if x is not None]
+    return [sum(col) for col in zip(*present)] if present else None
 
 
 @dataclass
@@ -146,14 +152,15 @@ class ScoredGroups:
     def select_groups(self, groups: list[int]) -> "ScoredGroups":
         rows, _ = self.rollout.rows_of_groups(groups)
         s = self.scores
-        return ScoredGroups(self.rollout.select_groups(groups), Scores(s.values[rows.cpu()], s.names, s.weights, s.num_errors))
+        return ScoredGroups(self.rollout.select_groups(groups), Scores(s.values[rows.cpu()], s.names, s.weights, s.num_errors, s.function_errors))
 
     @staticmethod
     def concatenate(parts: list["ScoredGroups"], pad_id: int) -> "ScoredGroups":
         s0 = parts[0].scores
         return ScoredGroups(
             RolloutBatch.concatenate([p.rollout for p in parts], pad_id),
-            Scores(torch.cat([p.scores.values for p in parts]), s0.names, s0.weights, sum(p.scores.num_errors for p in parts)),
+            Scores(torch.cat([p.scores.values for p in parts]), s0.names, s0.weights, sum(p.scores.num_errors for p in parts),
+                   _sum_lists([p.scores.function_errors for p in parts])),
         )
 
 
