@@ -16,8 +16,9 @@ _HEADER = """# Methods
 Generated from the docstrings of the registered parts by
 `python -m groupwise.algorithms.catalog > docs/methods.md`; do not edit by hand.
 Select a part by its name in the config (`algorithm.advantage`, `algorithm.ratio_level`,
-`algorithm.loss`, `algorithm.aggregation`, `algorithm.kl.estimator`); give its options in
-`algorithm.advantage_options` / `algorithm.loss_options` or the flat fields that map onto them.
+`algorithm.loss`, `algorithm.aggregation`, `algorithm.kl.estimator`, `rewards.aggregation`,
+`rewards.functions[].name`); give its options in `algorithm.advantage_options` /
+`algorithm.loss_options` or the flat fields that map onto them, and a reward's in its `kwargs`.
 """
 
 
@@ -28,24 +29,34 @@ def _options_text(fn) -> str:
     return ", ".join(f"`{k}`" if d is inspect.Parameter.empty else f"`{k}={d!r}`" for k, d in opts.items())
 
 
+def _kwargs_text(factory) -> str:
+    """A reward factory's parameters: they are the reward's `kwargs` in the config."""
+    params = inspect.signature(factory).parameters.values()
+    return ", ".join(f"`{p.name}`" if p.default is inspect.Parameter.empty else f"`{p.name}={p.default!r}`" for p in params) or "none"
+
+
 def methods_markdown() -> str:
     from groupwise.algorithms import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_LEVELS
+    from groupwise.algorithms.reward_aggregation import REWARD_AGGREGATIONS
+    from groupwise.rewards import REWARDS
 
     sections = [
-        ("Advantage estimators", "algorithm.advantage", ADVANTAGES, True),
-        ("Ratio levels", "algorithm.ratio_level", RATIO_LEVELS, False),
-        ("Policy losses (surrogates)", "algorithm.loss", POLICY_LOSSES, True),
-        ("Loss aggregations", "algorithm.aggregation", AGGREGATIONS, False),
-        ("KL estimators", "algorithm.kl.estimator", KL_ESTIMATORS, False),
+        ("Advantage estimators", "algorithm.advantage", ADVANTAGES, _options_text),
+        ("Ratio levels", "algorithm.ratio_level", RATIO_LEVELS, None),
+        ("Policy losses (surrogates)", "algorithm.loss", POLICY_LOSSES, _options_text),
+        ("Loss aggregations", "algorithm.aggregation", AGGREGATIONS, None),
+        ("KL estimators", "algorithm.kl.estimator", KL_ESTIMATORS, None),
+        ("Reward aggregations", "rewards.aggregation", REWARD_AGGREGATIONS, None),
+        ("Reward functions", "rewards.functions[].name", REWARDS, _kwargs_text),
     ]
     out = [_HEADER]
-    for title, key, registry, has_options in sections:
+    for title, key, registry, options in sections:
         out.append(f"\n## {title} (`{key}`)\n")
-        out.append("| name | function |" + (" options |" if has_options else ""))
-        out.append("|---|---|" + ("---|" if has_options else ""))
+        out.append("| name | function |" + (" options |" if options else ""))
+        out.append("|---|---|" + ("---|" if options else ""))
         for name, fn in registry.items():
             row = f"| `{name}` | `{fn.__module__}.{fn.__name__}` |"
-            out.append(row + (f" {_options_text(fn)} |" if has_options else ""))
+            out.append(row + (f" {options(fn)} |" if options else ""))
         for name, fn in registry.items():
             doc = inspect.cleandoc(fn.__doc__ or "(undocumented)")
             out.append(f"\n### `{name}`\n\n{doc}\n")

@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from groupwise.rewards.builtin import completion_text
+from groupwise.rewards.text import completion_text
 from groupwise.rewards.contract import RewardError, RewardFn, register_reward
 from groupwise.rewards.sandbox import ExecResult, Sandbox, SandboxError, isolation
 
