@@ -8,52 +8,21 @@ r"""Math rewards: answer extraction, exact and symbolic (Math-Verify) answer mat
 - `math_verify` decides equivalence with Hugging Face Math-Verify ("1/2" = "0.5" = "\frac{1}{2}").
 - `majority_vote` is label-free: each group's most frequent answer is the pseudo-label (TTRL).
 
-Math-Verify runs in a `VerifyPool`: a few persistent worker processes, each a fresh interpreter
-(`sys.executable -P -c <worker program>`, started by `subprocess.Popen`, i.e. fork+exec with no
-Python code between the two, so it is safe in a process with torch threads) that imports only
-math-verify and sympy, and handles one (gold, prediction) pair at a time. Why processes: for an
-answer such as `9^{9^{9}}` sympy computes 9**387420489, a 1.2-gigabit integer. Math-Verify's own
-timeouts use `signal.alarm`, which only the main thread may set; off it they must be disabled,
-and then that one completion ran for over 120 s in-process (measured) while holding the GIL, so
-not even a watchdog thread of the caller could run. And no signal handler can interrupt a
-computation stuck inside one C call that does not check for signals. Each job has three limits,
-innermost first:
-
-1. a timer inside the worker (`setitimer`, `timeout_s`) raises an exception that Math-Verify's
-   `except Exception` cannot swallow; the job scores 0 and the worker lives on;
-2. the parent waits for each job until `timeout_s` + 1 s; a worker still busy then (stuck in C)
-   is killed (SIGKILL) and replaced, and the job scores 0;
-3. RLIMIT_CPU, set by the worker before each job to its CPU time so far + `timeout_s` + 5 s, makes
-   the kernel end a worker whose parent died while it was stuck.
-
-Jobs that overran are counted in `reward.timeouts` (the first is logged as a warning, the rest at
-debug level). Workers start on first use, are reused across calls, and are killed by
-`reward.close()`, when the reward is garbage-collected, or at interpreter exit.
-
-Why not `multiprocessing`: its "spawn" and "forkserver" children re-import the user's `__main__`
-script (running a training script without a `__main__` guard once per worker) and would import
-this package, hence torch, in every worker; a fresh `-c` interpreter does neither.
+Math-Verify runs in worker processes (`groupwise.rewards.verify_pool`), each job with a time limit.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import re
-import select
-import subprocess
-import sys
-import threading
 import time
-import weakref
-from collections import Counter, deque
+from collections import Counter
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any, Callable, Sequence
 
-from groupwise.rewards.text import completion_text, required_column
 from groupwise.rewards.contract import RewardError, RewardFn, consecutive_groups, register_reward
+from groupwise.rewards.text import completion_text, required_column
+from groupwise.rewards.verify_pool import VerifyPool, attach_pool, pool_options, record_pool_metrics
 
 logger = logging.getLogger("groupwise.rewards")
 
@@ -285,364 +254,6 @@ def exact_answer(answer_column: str = "answer", extract: Extract = "last_number"
     return reward
 
 
-# ----------------------------------------------------------------------------- the worker pool
-
-# The worker program. It reads one JSON job per line on stdin and writes one JSON reply per line:
-#   job:   {"gold": str, "gold_kind": "answer"|"text", "pred": str, "pred_kind": ..., "timeout": s}
-#   reply: {"status": "ok", "value": 0|1} | {"status": "gold"} (gold unparseable)
-#          | {"status": "timeout", "value": phase} | {"status": "error", "value": message}
-# A "text" is given to math_verify.parse as is (its own extraction); an "answer" (a bare final
-# answer such as "2\sqrt{3}" or "50\%") is parsed inside $...$ unless it has delimiters of its own:
-# parsed as is, "2\sqrt{3}" would read as 2 and "x=3" as 3.
-_WORKER_SOURCE = r'''
-import json, os, re, resource, signal, sys
-
-
-class Overrun(BaseException):
-    """The job's timer fired; a BaseException, so Math-Verify's `except Exception` cannot swallow it."""
-
-
-armed = [False]
-
-
-def on_alarm(signum, frame):
-    if armed[0]:  # a late alarm, after the job ended, is ignored
-        armed[0] = False
-        raise Overrun()
-
-
-THIN_SPACE_THOUSANDS = re.compile(r"(?<=\d)\\,(?=\d{3}(?!\d))")  # 1\,234 (Math-Verify reads it as 235)
-DELIMITED = re.compile(r"\$|\\boxed|\\fbox|\\\(|\\\[|\n")
-
-
-def normalize(text):
-    return THIN_SPACE_THOUSANDS.sub("", text.replace("\u2212", "-"))  # U+2212 minus sign
-
-
-def limit_cpu(seconds):
-    # Kernel backstop: if this job burns `seconds` more CPU (say, the parent died while it was stuck), SIGXCPU ends us.
-    try:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
-        target = int(usage.ru_utime + usage.ru_stime + seconds) + 1
-        if hard != resource.RLIM_INFINITY:
-            target = min(target, hard)
-        resource.setrlimit(resource.RLIMIT_CPU, (target, hard))
-    except (ValueError, OSError):
-        pass
-
-
-def main():
-    channel = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
-
-    def send(message):
-        channel.write(json.dumps(message) + "\n")
-        channel.flush()
-
-    try:
-        import logging
-        logging.disable(logging.CRITICAL)  # Math-Verify logs every disabled timeout and failed parse
-        import math_verify as mv
-        from sympy import Mul, Rational, UnevaluatedExpr
-        percent = UnevaluatedExpr(Rational(1, 100))  # latex2sympy reads "X%" as X*UnevaluatedExpr(1/100)
-        mv.verify(mv.parse("$1$", parsing_timeout=None), mv.parse("1", parsing_timeout=None), timeout_seconds=None)
-    except BaseException as e:
-        send({"error": "%s: %s" % (type(e).__name__, e)})
-        return
-
-    cache = {}
-
-    def parse(text, kind):
-        key = (text, kind)
-        if key in cache:
-            return cache[key]
-        text = normalize(text)
-        if kind == "answer" and not DELIMITED.search(text):
-            result = mv.parse("$" + text + "$", parsing_timeout=None) or mv.parse(text, parsing_timeout=None)
-        else:
-            result = mv.parse(text, parsing_timeout=None)
-        if len(key[0]) <= 2000:  # golds and short answers repeat; long completions rarely do
-            if len(cache) >= 4096:
-                cache.clear()
-            cache[key] = result
-        return result
-
-    def without_percent(items):
-        out, changed = [], False
-        for x in items:
-            if isinstance(x, Mul) and len(x.args) == 2 and percent in x.args:
-                x, changed = x.args[0] if x.args[1] == percent else x.args[1], True
-            out.append(x)
-        return out, changed
-
-    def equal(gold, pred):
-        if mv.verify(gold, pred, timeout_seconds=None):
-            return True
-        # Math-Verify already equates 50% with 0.5 and with 50, but 12.5% only with 0.125: a percentage
-        # also equals its number without the sign, whatever that number is.
-        gold2, changed_gold = without_percent(gold)
-        pred2, changed_pred = without_percent(pred)
-        return (changed_gold or changed_pred) and mv.verify(gold2, pred2, timeout_seconds=None)
-
-    def run(job, phase):
-        try:
-            gold = parse(job["gold"], job["gold_kind"])
-            if not gold:
-                return {"status": "gold"}
-            phase[0] = "prediction"
-            pred = parse(job["pred"], job["pred_kind"])
-            phase[0] = "verify"
-            return {"status": "ok", "value": int(bool(pred) and bool(equal(gold, pred)))}
-        except Overrun:
-            return {"status": "timeout", "value": phase[0]}
-        except Exception as e:
-            return {"status": "error", "value": ("%s: %s" % (type(e).__name__, e))[:300]}
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which kills us
-    send({"ready": os.getpid()})
-    for line in sys.stdin:
-        job = json.loads(line)
-        phase = ["gold"]
-        reply = {"status": "timeout", "value": "late"}  # kept if the alarm lands between run() and disarming
-        try:
-            try:
-                limit_cpu(job["timeout"] + 5)
-                armed[0] = True
-                signal.setitimer(signal.ITIMER_REAL, job["timeout"])
-                reply = run(job, phase)
-            finally:
-                armed[0] = False
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except Overrun:
-            pass
-        send(reply)
-
-
-main()
-'''
-
-_GRACE_S = 1.0    # the parent kills a worker this long after the job's own timer should have fired
-_BOOT_S = 120.0   # the longest a worker may take to import math-verify and sympy
-
-
-class _Worker:
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        self.fd = proc.stdout.fileno() if proc.stdout else -1
-        self.buffer = b""
-        self.ready = False
-        self.started = time.monotonic()
-        self.job: int | None = None
-        self.deadline = math.inf
-
-
-def _kill_processes(procs: list[subprocess.Popen[bytes]], owner: list[int]) -> None:
-    """SIGKILL, reap and close every worker (also the finalizer at exit or garbage collection).
-
-    Only in the process that started them: a forked copy of the pool (a data-loader worker, say)
-    must not kill its parent's workers."""
-    if owner[0] != os.getpid():
-        return
-    for proc in procs:
-        try:
-            proc.kill()
-        except OSError:
-            pass
-    for proc in procs:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # unkillable (uninterruptible sleep): nothing more to do
-            pass
-        for stream in (proc.stdin, proc.stdout):
-            try:
-                if stream:
-                    stream.close()
-            except OSError:
-                pass
-    procs.clear()
-
-
-class VerifyPool:
-    """Persistent Math-Verify worker processes; `run(jobs)` answers each (gold, prediction) job within a deadline.
-
-    Not for concurrent use from several threads at once: calls are serialized by a lock.
-    """
-
-    def __init__(self, workers: int, timeout_s: float, owner: str) -> None:
-        self.size, self.timeout_s, self.owner = workers, timeout_s, owner
-        self.timeouts = 0   # jobs that overran timeout_s (all calls)
-        self.restarts = 0   # workers killed (stuck) or found dead, and replaced (all calls)
-        self._workers: list[_Worker] = []
-        self._procs: list[subprocess.Popen[bytes]] = []  # shared with the finalizer, which must not hold `self`
-        self._owner = [os.getpid()]
-        self._lock = threading.Lock()
-        self._warned = False
-        self._finalizer = weakref.finalize(self, _kill_processes, self._procs, self._owner)
-
-    def pids(self) -> list[int]:
-        """The process ids of the live workers."""
-        return [w.proc.pid for w in self._workers]
-
-    def close(self) -> None:
-        """Kill all workers; a later `run` starts new ones."""
-        with self._lock:
-            self._workers.clear()
-            _kill_processes(self._procs, self._owner)
-
-    # -- workers
-
-    def _spawn(self) -> _Worker:
-        if not self._finalizer.alive:  # the exit hook has run; a call still going on a daemon thread ends here
-            raise RewardError(f"{self.owner}: the Math-Verify workers were shut down (interpreter exit)")
-        proc = subprocess.Popen([sys.executable, "-P", "-c", _WORKER_SOURCE], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-        self._procs.append(proc)
-        return _Worker(proc)
-
-    def _replace(self, worker: _Worker) -> None:
-        worker.proc.kill()
-        worker.proc.wait()
-        for stream in (worker.proc.stdin, worker.proc.stdout):
-            if stream:
-                stream.close()
-        if worker.proc in self._procs:
-            self._procs.remove(worker.proc)
-        self._workers[self._workers.index(worker)] = self._spawn()
-        self.restarts += 1
-
-    def _send(self, worker: _Worker, job: dict[str, Any]) -> bool:
-        """Write the job; False if the worker is gone."""
-        if worker.proc.poll() is not None or worker.proc.stdin is None:
-            return False
-        try:
-            worker.proc.stdin.write((json.dumps({**job, "timeout": self.timeout_s}) + "\n").encode())
-            worker.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            return False
-        return True
-
-    def _overran(self, what: str) -> None:
-        self.timeouts += 1
-        if not self._warned:
-            self._warned = True
-            logger.warning("%s: Math-Verify took longer than timeout_s = %g s (%s); scoring that completion 0 "
-                           "(further timeouts are only counted, in reward.timeouts)", self.owner, self.timeout_s, what)
-        else:
-            logger.debug("%s: Math-Verify timed out (%s)", self.owner, what)
-
-    def _receive(self, worker: _Worker, results: list[Any]) -> None:
-        """Read what the worker wrote: its ready line, replies, or end of file (it died)."""
-        data = os.read(worker.fd, 1 << 16)
-        if not data:
-            code = worker.proc.wait()
-            if not worker.ready:
-                raise RewardError(f"{self.owner}: a Math-Verify worker exited with code {code} before it started")
-            if worker.job is not None:  # died on this job (a crash, or RLIMIT_CPU): the job scores 0
-                results[worker.job] = ("crash", code)
-                logger.warning("%s: a Math-Verify worker died (exit code %s); scoring its completion 0", self.owner, code)
-            self._replace(worker)
-            return
-        worker.buffer += data
-        *lines, worker.buffer = worker.buffer.split(b"\n")
-        for line in lines:
-            message = json.loads(line)
-            if "error" in message:
-                raise RewardError(f"{self.owner}: the Math-Verify worker cannot start: {message['error']} "
-                                  f"(is math-verify installed? pip install 'math-verify[antlr4_13_2]')")
-            if "ready" in message:
-                worker.ready = True
-            elif worker.job is not None:
-                if message["status"] == "timeout":
-                    self._overran(f"stopped by its timer during {message.get('value')}")
-                elif message["status"] == "error":
-                    logger.debug("%s: Math-Verify failed: %s", self.owner, message.get("value"))
-                results[worker.job] = (message["status"], message.get("value"))
-                worker.job, worker.deadline = None, math.inf
-
-    # -- running jobs
-
-    def run(self, jobs: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
-        """One `(status, value)` per job: ("ok", 0|1), ("gold", None), ("timeout", …), ("error", …), ("crash", code)."""
-        results: list[Any] = [None] * len(jobs)
-        if not jobs:
-            return results
-        with self._lock:
-            try:
-                self._run(jobs, results)
-            except BaseException:
-                # an interrupted call (KeyboardInterrupt, a RewardTimeout of the runner, a startup error) may
-                # leave workers busy on jobs nobody waits for: start afresh next time
-                self._workers.clear()
-                _kill_processes(self._procs, self._owner)
-                raise
-        return results
-
-    def _run(self, jobs: Sequence[dict[str, Any]], results: list[Any]) -> None:
-        if self._owner[0] != os.getpid():  # a forked copy: the workers are the parent's; start our own
-            self._workers.clear()
-            self._procs.clear()
-            self._owner[0] = os.getpid()
-        while len(self._workers) < self.size:
-            self._workers.append(self._spawn())
-        queue = deque(range(len(jobs)))
-        while True:
-            now = time.monotonic()
-            for worker in list(self._workers):
-                if worker.ready and worker.job is None and queue:
-                    index = queue.popleft()
-                    if self._send(worker, jobs[index]):
-                        worker.job, worker.deadline = index, now + self.timeout_s + _GRACE_S
-                    else:  # it died while idle: the job never ran, so it goes back to the queue
-                        queue.appendleft(index)
-                        self._replace(worker)
-            waiting = [w for w in self._workers if w.job is not None or not w.ready]
-            if not queue and all(w.job is None for w in self._workers):
-                return
-            deadline = min(w.deadline if w.ready else w.started + _BOOT_S for w in waiting)
-            readable, _, _ = select.select([w.fd for w in waiting], [], [], max(0.0, deadline - now))
-            by_fd = {w.fd: w for w in waiting}
-            for fd in readable:
-                self._receive(by_fd[fd], results)
-            now = time.monotonic()
-            for worker in list(self._workers):
-                if worker.job is not None and now >= worker.deadline:  # stuck where its timer cannot reach
-                    results[worker.job] = ("timeout", "killed")
-                    self._overran("the worker was killed")
-                    self._replace(worker)
-                elif not worker.ready and now >= worker.started + _BOOT_S:
-                    raise RewardError(f"{self.owner}: a Math-Verify worker did not start within {_BOOT_S:g} s")
-
-
-def _pool_options(owner: str, timeout_s: Any, workers: Any) -> int:
-    """Check `timeout_s` and `workers`; the number of workers."""
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (0 < timeout_s < math.inf):
-        raise RewardError(f"{owner}: timeout_s must be a positive number of seconds, not {timeout_s!r}")
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise RewardError(f"{owner}: workers must be a positive integer, not {workers!r}")
-    return workers
-
-
-def _attach_pool(reward: Any, pool: VerifyPool) -> None:
-    reward.pool = pool
-    reward.close = pool.close
-    reward.timeouts = 0
-    reward.last_metrics = {}
-
-
-def _pool_metrics(reward: Any, prefix: str, pool: VerifyPool, before: tuple[int, int], jobs: int, start: float) -> None:
-    reward.timeouts = pool.timeouts
-    reward.last_metrics = {
-        f"{prefix}/jobs": float(jobs),
-        f"{prefix}/timeouts": float(pool.timeouts - before[0]),
-        f"{prefix}/worker_restarts": float(pool.restarts - before[1]),
-        f"{prefix}/wall_time_s": time.monotonic() - start,
-    }
-
-
 # ----------------------------------------------------------------------------- math_verify
 
 
@@ -672,7 +283,7 @@ def math_verify_reward(answer_column: str = "answer", extract: Extract | None = 
     workers; `reward.last_metrics` describes the last call.
     """
     extractor = compile_extract(extract, "math_verify") if extract is not None else None
-    pool = VerifyPool(_pool_options("math_verify", timeout_s, workers), float(timeout_s), "math_verify")
+    pool = VerifyPool(pool_options("math_verify", timeout_s, workers), float(timeout_s), "math_verify")
 
     def reward(prompts: Any = None, completions: Sequence[Any] = (), completion_ids: Any = None, **columns: Any) -> list[float | None]:
         start, before = time.monotonic(), (pool.timeouts, pool.restarts)
@@ -698,11 +309,11 @@ def math_verify_reward(answer_column: str = "answer", extract: Extract | None = 
             if job is not None:
                 status, value = results[job]
                 scores[i] = None if status == "gold" else 1.0 if status == "ok" and value == 1 else 0.0
-        _pool_metrics(reward, "math_verify", pool, before, len(jobs), start)
+        record_pool_metrics(reward, "math_verify", pool, before, len(jobs), start)
         return scores
 
     reward.__name__ = "math_verify"
-    _attach_pool(reward, pool)
+    attach_pool(reward, pool)
     return reward
 
 
@@ -769,7 +380,7 @@ def majority_vote(extract: Extract = DEFAULT_EXTRACT, equivalence: str = "exact"
     if equivalence not in ("exact", "math_verify"):
         raise RewardError(f"majority_vote: equivalence must be 'exact' or 'math_verify', not {equivalence!r}")
     extractor = compile_extract(extract, "majority_vote")
-    size = _pool_options("majority_vote", timeout_s, workers)
+    size = pool_options("majority_vote", timeout_s, workers)
     pool = VerifyPool(size, float(timeout_s), "majority_vote") if equivalence == "math_verify" else None
 
     def reward(prompts: Any = None, completions: Sequence[Any] = (), completion_ids: Any = None,
@@ -803,12 +414,12 @@ def majority_vote(extract: Extract = DEFAULT_EXTRACT, equivalence: str = "exact"
                 if answers[i] is not None and class_of[answers[i].strip()] == winner:
                     scores[i] = 1.0
         if pool is not None:
-            _pool_metrics(reward, "majority_vote", pool, before, compared, start)
+            record_pool_metrics(reward, "majority_vote", pool, before, compared, start)
         return scores
 
     reward.__name__ = "majority_vote"
     if pool is not None:
-        _attach_pool(reward, pool)
+        attach_pool(reward, pool)
     else:  # the same surface without a pool, so callers need not tell the two apart
         reward.close, reward.timeouts, reward.last_metrics = (lambda: None), 0, {}
     return reward
