@@ -300,3 +300,16 @@ def test_gdpo_aggregation_feeds_the_estimator_and_errors_are_logged_per_function
         assert row["rewards/exact_answer/errors"] == 0.0 and row["rewards/format/errors"] == 0.0
         expected_mean = row["rewards/exact_answer/mean"] + 0.5 * row["rewards/format/mean"]
         assert abs(row["reward/mean"] - expected_mean) < 1e-5   # reward/mean stays the weighted raw sum
+
+
+def test_prompt_statistics_are_updated_logged_and_restored_on_resume(small_config, tmp_path):
+    run = tmp_path / "stats_run"
+    trainer = Trainer(small_config(run_dir=run, **{"schedule.steps": 2, "checkpoint.every": 2}))
+    trainer.train()
+    stats = trainer.prompt_stats
+    assert int(stats.attempts.sum()) == 2 * 4 and int(stats.samples.sum()) == 2 * 4 * 4
+    row = read_metrics(run)[-1]
+    assert 0 < row["prompts/seen_fraction"] <= 8 / 500
+    resumed = Trainer(small_config(run_dir=run, **{"schedule.steps": 3, "checkpoint.every": 2}), resume=True)
+    for name, value in stats.state_dict().items():
+        assert torch.equal(torch.nan_to_num(value, nan=-1.0), torch.nan_to_num(getattr(resumed.prompt_stats, name), nan=-1.0)), name

@@ -73,9 +73,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     trainer_state: dict[str, Any],
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """Write a complete checkpoint atomically; prune old ones beyond `keep_last`."""
+    """Write a complete checkpoint atomically; prune old ones beyond `keep_last`.
+
+    `tensors`: named groups of tensors too large for JSON (e.g. per-prompt statistics), each
+    written as `<name>.safetensors`; read back with `load_tensors`."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -88,6 +92,11 @@ def save_checkpoint(
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    if tensors:
+        from safetensors.torch import save_file
+
+        for name, group in tensors.items():
+            save_file({k: v.contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
     _fsync_dir(tmp)
     if final.exists():  # a re-save of the same step (e.g. the final save after a periodic one)
         shutil.rmtree(final)
@@ -135,6 +144,16 @@ def load_checkpoint(
     scheduler.load_state_dict(optim["scheduler"])
     set_rng_state(torch.load(directory / "rng.pt", weights_only=False))
     return json.loads((directory / "trainer_state.json").read_text())
+
+
+def load_tensors(directory: Path, name: str) -> dict[str, torch.Tensor] | None:
+    """A tensor group written by `save_checkpoint(tensors={name: ...})`; None if the checkpoint has none."""
+    path = directory / f"{name}.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

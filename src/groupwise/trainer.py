@@ -30,9 +30,10 @@ from groupwise.algorithms.filters import (
 )
 from groupwise.config import Config, ConfigError, build_config, default_run_dir, load_config
 from groupwise.data import UniformSampler, render_prompt
+from groupwise.data.prompt_stats import PromptStats
 from groupwise.data.sources import load_eval_prompts, load_train_prompts
 from groupwise.errors import RunDirError
-from groupwise.evaluation import accuracy_index, evaluate, score_rollout
+from groupwise.evaluation import accuracy_index, correct_mask, evaluate, score_rollout
 from groupwise.metrics import MetricsLogger, Progress, sample_records, step_metrics, truncate_jsonl_after_step
 from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, resolve_model_path, trainable_parameters
 from groupwise.model.logprobs import completion_logprobs
@@ -108,6 +109,7 @@ class Trainer:
         self.optimizer = build_optimizer(trainable_parameters(self.model), cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.optimizer_steps_per_step)
         self.sampler = UniformSampler(len(self.train_prompts), cfg.seed, shuffle=cfg.data.shuffle)
+        self.prompt_stats = PromptStats(len(self.train_prompts))   # what samplers and curricula read
         self.parts = ObjectiveParts.from_config(cfg.algorithm)
         self.advantage_options = cfg.algorithm.advantage_kwargs()
         self.advantage_state: dict[str, Any] = {}   # estimators' running statistics (BNPO, DCPO, …)
@@ -127,6 +129,8 @@ class Trainer:
             state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             self.step = int(state["step"])
             self.sampler.load_state_dict(state["sampler"])
+            if (stats := ckpt.load_tensors(latest, "prompt_stats")) is not None:
+                self.prompt_stats.load_state_dict(stats)
             self.eval_before = state.get("eval_before", {})
             self.advantage_state = state.get("advantage_state", {})
             self.kl_controller.load_state_dict(state["kl_controller"])
@@ -178,6 +182,7 @@ class Trainer:
                 "kl_controller": self.kl_controller.state_dict(), "entropy_controller": self.entropy_controller.state_dict() if self.entropy_controller else None,
                 "entropy_coef_applied": self.parts.entropy_coef,
             },
+            tensors={"prompt_stats": self.prompt_stats.state_dict()},
             keep_last=self.config.checkpoint.keep_last,
         )
 
@@ -236,6 +241,7 @@ class Trainer:
         metrics.update(update)
         metrics.update(collect_metrics)
         metrics.update(ctx.metrics)
+        metrics.update(self.prompt_stats.metrics())
         metrics.update({f"rollout/{k}": v for k, v in self.engine.last_stats.items()})   # of the last generation round
         self.step += 1
         return metrics
@@ -289,6 +295,8 @@ class Trainer:
             generated += float(rollout.completion_lengths.sum())
             part = ScoredGroups(rollout, score_rollout(self.rewards, rollout, trainer_state={"step": self.step}))
             totals = part.scores.total()
+            correct = correct_mask(part.scores, self.accuracy_index, cfg.rewards.correct_threshold)
+            self.prompt_stats.update(indices, totals.view(want, -1).tolist(), correct.view(want, -1).tolist(), self.step)
             self.sampler.update(indices, totals.view(want, -1).tolist())
             times["generation"] += t1 - t0
             times["scoring"] += time.perf_counter() - t1
