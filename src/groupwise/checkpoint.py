@@ -96,7 +96,8 @@ def save_checkpoint(
         from safetensors.torch import save_file
 
         for name, group in tensors.items():
-            save_file({k: v.contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
+            if group:
+                save_file({k: v.contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
     _fsync_dir(tmp)
     if final.exists():  # a re-save of the same step (e.g. the final save after a periodic one)
         shutil.rmtree(final)
@@ -174,3 +175,9 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def split_tensors(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A flat state dict as `{"json": plain values, "tensors": tensor values}` (tensors go to safetensors)."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {"json": {k: v for k, v in state.items() if k not in tensors}, "tensors": tensors}

@@ -59,6 +59,8 @@ class DataConfig(_Section):
     system_prompt: str | None = None
     max_prompt_length: int | None = Field(None, ge=1, description="prompts longer than this (in tokens) are left-truncated, as TRL does")
     shuffle: bool = True
+    sampler: str = Field("uniform", description="which prompts each round uses and how many completions each: uniform, variance_aware (MMR1), vade, knapsack, sec, prioritized, or 'module:factory' (see groupwise.data.samplers)")
+    sampler_options: dict[str, Any] = Field(default_factory=dict, description="options of the selected sampler only")
     train_size: int = Field(20000, ge=1, description="built-in task only: number of generated training problems")
     eval_size: int | None = Field(200, ge=1, description="at most this many held-out prompts are used")
 
@@ -280,6 +282,9 @@ def _check_consistency(cfg: Config) -> None:
             f"algorithm.mini_batches ({alg.mini_batches}) must divide the completions per step "
             f"(rollout.prompts_per_step × rollout.num_generations = {n})"
         )
+    if alg.mini_batches > roll.prompts_per_step:
+        raise ValueError(f"algorithm.mini_batches ({alg.mini_batches}) exceeds rollout.prompts_per_step ({roll.prompts_per_step}): "
+                         "a mini-batch holds whole groups")
     mini = n // alg.mini_batches
     mb = cfg.optimizer.micro_batch_size
     from groupwise.algorithms import POLICY_LOSSES
@@ -315,6 +320,12 @@ def _check_consistency(cfg: Config) -> None:
 
     if cfg.rewards.aggregation not in REWARD_AGGREGATIONS:
         raise ValueError(f"rewards.aggregation '{cfg.rewards.aggregation}' is unknown; known: {', '.join(REWARD_AGGREGATIONS.names())}")
+    from groupwise.data.samplers import SAMPLERS, check_sampler_options
+
+    if cfg.data.sampler not in SAMPLERS and ":" not in cfg.data.sampler:
+        raise ValueError(f"data.sampler '{cfg.data.sampler}' is unknown; known: {', '.join(SAMPLERS.names())}")
+    if cfg.data.sampler in SAMPLERS:
+        check_sampler_options(cfg.data.sampler, cfg.data.sampler_options)
     if cfg.data.train.startswith("builtin:") and cfg.data.train != "builtin:arithmetic":
         raise ValueError(f"data.train '{cfg.data.train}' is not a built-in task; known: builtin:arithmetic")
     dev = cfg.device

@@ -22,6 +22,7 @@ import torch
 
 from groupwise import checkpoint as ckpt
 from groupwise.algorithms import ObjectiveParts, StepCounts, compute_advantages, policy_objective
+from groupwise.algorithms.options import takes_group_id
 from groupwise.algorithms.advantages import AdvantageContext
 from groupwise.algorithms.controllers import AdaptiveEntropyController, AdaptiveKLController, FixedKLController, kl_in_reward
 from groupwise.algorithms.reward_aggregation import aggregate_rewards
@@ -29,8 +30,10 @@ from groupwise.algorithms.filters import (
     d3s_sample_keep, d3s_token_mask, dynamic_sampling_keep, gfpo_keep, mask_truncated_completions, top_entropy_token_mask,
 )
 from groupwise.config import Config, ConfigError, build_config, default_run_dir, load_config
-from groupwise.data import UniformSampler, render_prompt
+from groupwise.batching import micro_batch_rows, mini_batch_rows, split_by_group
+from groupwise.data import render_prompt
 from groupwise.data.prompt_stats import PromptStats
+from groupwise.data.samplers import RoundOutcome, SamplerContext, build_sampler
 from groupwise.data.sources import load_eval_prompts, load_train_prompts
 from groupwise.errors import RunDirError
 from groupwise.evaluation import accuracy_index, correct_mask, evaluate, score_rollout
@@ -108,8 +111,10 @@ class Trainer:
         self.optimizer_steps_per_step = cfg.algorithm.num_iterations * cfg.algorithm.mini_batches
         self.optimizer = build_optimizer(trainable_parameters(self.model), cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.optimizer_steps_per_step)
-        self.sampler = UniformSampler(len(self.train_prompts), cfg.seed, shuffle=cfg.data.shuffle)
         self.prompt_stats = PromptStats(len(self.train_prompts))   # what samplers and curricula read
+        self.sampler = build_sampler(cfg.data.sampler, SamplerContext(
+            num_prompts=len(self.train_prompts), seed=cfg.seed, stats=self.prompt_stats, prompts=self.train_prompts, shuffle=cfg.data.shuffle,
+        ), cfg.data.sampler_options)
         self.parts = ObjectiveParts.from_config(cfg.algorithm)
         self.advantage_options = cfg.algorithm.advantage_kwargs()
         self.advantage_state: dict[str, Any] = {}   # estimators' running statistics (BNPO, DCPO, …)
@@ -122,13 +127,15 @@ class Trainer:
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k
         )
         self.step = 0
+        self.sampler_draws = 0   # plans drawn so far: a sampler's step (dynamic sampling draws several per step)
         self.eval_before: dict[str, float] = {}
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if latest is not None:
             state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             self.step = int(state["step"])
-            self.sampler.load_state_dict(state["sampler"])
+            self.sampler_draws = int(state.get("sampler_draws", self.step))
+            self.sampler.load_state_dict({**state["sampler"], **(ckpt.load_tensors(latest, "sampler") or {})})
             if (stats := ckpt.load_tensors(latest, "prompt_stats")) is not None:
                 self.prompt_stats.load_state_dict(stats)
             self.eval_before = state.get("eval_before", {})
@@ -175,14 +182,15 @@ class Trainer:
         return evaluate(self.engine, self.tokenizer, self.eval_prompts, self.rewards, self.config, k=k, seed=self.config.seed)
 
     def save_checkpoint(self) -> Path:
+        sampler_state = ckpt.split_tensors(self.sampler.state_dict())
         return ckpt.save_checkpoint(
             self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
             trainer_state={
-                "sampler": self.sampler.state_dict(), "eval_before": self.eval_before, "advantage_state": self.advantage_state,
+                "sampler": sampler_state["json"], "sampler_draws": self.sampler_draws, "eval_before": self.eval_before, "advantage_state": self.advantage_state,
                 "kl_controller": self.kl_controller.state_dict(), "entropy_controller": self.entropy_controller.state_dict() if self.entropy_controller else None,
                 "entropy_coef_applied": self.parts.entropy_coef,
             },
-            tensors={"prompt_stats": self.prompt_stats.state_dict()},
+            tensors={"prompt_stats": self.prompt_stats.state_dict(), "sampler": sampler_state["tensors"]},
             keep_last=self.config.checkpoint.keep_last,
         )
 
@@ -242,6 +250,8 @@ class Trainer:
         metrics.update(collect_metrics)
         metrics.update(ctx.metrics)
         metrics.update(self.prompt_stats.metrics())
+        if hasattr(self.sampler, "metrics"):
+            metrics.update(self.sampler.metrics())
         metrics.update({f"rollout/{k}": v for k, v in self.engine.last_stats.items()})   # of the last generation round
         self.step += 1
         return metrics
@@ -286,18 +296,22 @@ class Trainer:
         rounds = ds.max_rounds if ds.enabled else 1
         for round_index in range(rounds):
             t0 = time.perf_counter()
-            indices = self.sampler.next_indices(want)
+            plan = self.sampler.plan(want, cfg.rollout.num_generations, self.sampler_draws)
+            self.sampler_draws += 1
+            indices = plan.indices
             prompts = [self.train_prompts[i] for i in indices]
             texts = [render_prompt(p, self.tokenizer, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt) for p in prompts]
             seed = _step_seed(cfg.seed, self.step, 1 + 1000 * round_index)
-            rollout = self.engine.generate(prompts, texts, cfg.rollout.num_generations, self.sampling, seed=seed)
+            rollout = self.engine.generate(prompts, texts, plan.group_sizes, self.sampling, seed=seed)
             t1 = time.perf_counter()
             generated += float(rollout.completion_lengths.sum())
             part = ScoredGroups(rollout, score_rollout(self.rewards, rollout, trainer_state={"step": self.step}))
             totals = part.scores.total()
             correct = correct_mask(part.scores, self.accuracy_index, cfg.rewards.correct_threshold)
-            self.prompt_stats.update(indices, totals.view(want, -1).tolist(), correct.view(want, -1).tolist(), self.step)
-            self.sampler.update(indices, totals.view(want, -1).tolist())
+            gid = rollout.group_id
+            by_group = [split_by_group(v, gid) for v in (totals.tolist(), correct.tolist(), rollout.completions_text)]
+            self.prompt_stats.update(indices, by_group[0], by_group[1], self.step)
+            self.sampler.update(RoundOutcome(indices, *by_group, step=self.step))
             times["generation"] += t1 - t0
             times["scoring"] += time.perf_counter() - t1
             if not ds.enabled:
@@ -363,25 +377,21 @@ class Trainer:
     def _update(self, batch: TrainBatch) -> dict[str, float]:
         """μ passes × mini-batches optimizer steps, each accumulating micro-batch gradients."""
         cfg, alg = self.config, self.config.algorithm
-        n = batch.num_rows
-        mini = n // alg.mini_batches
-        micro = cfg.optimizer.micro_batch_size or mini
+        micro = cfg.optimizer.micro_batch_size or batch.num_rows
         params = trainable_parameters(self.model)
         shuffle = torch.Generator().manual_seed(_step_seed(cfg.seed, self.step, 2))
         sums: dict[str, float] = defaultdict(float)
         grad_norms, losses = [], []
+        whole_groups = takes_group_id(self.parts.surrogate)   # DisCO compares a question's completions
         for _ in range(alg.num_iterations):
-            order = torch.arange(n)
-            if alg.shuffle_mini_batches and alg.mini_batches > 1:  # shuffle whole groups (contiguous, size G)
-                g = cfg.rollout.num_generations
-                order = (torch.randperm(n // g, generator=shuffle).unsqueeze(-1) * g + torch.arange(g)).flatten()
-            for mini_rows in order.to(self.device).split(mini):
-                mini_batch = batch.select(mini_rows)
+            generator = shuffle if alg.shuffle_mini_batches and alg.mini_batches > 1 else None   # whole groups are shuffled
+            for mini_rows in mini_batch_rows(batch.group_id, alg.mini_batches, generator):
+                mini_batch = batch.select(mini_rows.to(self.device))
                 counts = StepCounts.of(mini_batch.completion_mask, batch.max_completion_length)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for rows in torch.arange(mini_batch.num_rows, device=self.device).split(micro):
-                    mb = mini_batch.select(rows)
+                for rows in micro_batch_rows(mini_batch.group_id, micro, whole_groups):
+                    mb = mini_batch.select(rows.to(self.device))
                     logp, entropy = completion_logprobs(
                         self.model, mb.input_ids, mb.attention_mask, mb.completion_mask,
                         temperature=cfg.rollout.temperature, with_entropy=True, entropy_grad=self.parts.entropy_coef > 0,

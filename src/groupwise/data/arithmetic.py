@@ -36,10 +36,18 @@ HELDOUT_MAX = 1000       # held-out sets are prefixes of one fixed list of this 
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
+def problem_category(a: int, op: str, b: int) -> str:
+    """The skill a problem exercises (a column for curricula such as SEC): addition with or without
+    a carry, subtraction with or without a borrow, in the units digit."""
+    if op == "+":
+        return "add_carry" if a % 10 + b % 10 >= 10 else "add"
+    return "sub_borrow" if a % 10 < b % 10 else "sub"
+
+
 def make_problem(a: int, op: str, b: int) -> dict:
-    """The row for `a op b`: ``{"prompt": "a op b=", "answer": str(result)}``."""
+    """The row for `a op b`: ``{"prompt": "a op b=", "answer": str(result), "category": …}``."""
     result = a + b if op == "+" else a - b
-    return {"prompt": f"{a}{op}{b}=", "answer": str(result)}
+    return {"prompt": f"{a}{op}{b}=", "answer": str(result), "category": problem_category(a, op, b)}
 
 
 def _random_problem(rng: Random) -> dict:

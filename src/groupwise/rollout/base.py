@@ -21,9 +21,23 @@ class RolloutEngine(Protocol):
         self,
         prompts: list[Prompt],
         prompt_texts: list[str],
-        num_generations: int,
+        num_generations: int | list[int],
         params: SamplingParams,
         seed: int,
     ) -> RolloutBatch:
-        """G completions per prompt, groups contiguous; the same seed gives the same completions."""
+        """G completions per prompt (or `num_generations[i]` for prompt i), groups contiguous; the same
+        seed gives the same completions."""
         ...
+
+
+def group_sizes(num_generations: int | list[int], num_prompts: int) -> list[int]:
+    """Each prompt's group size from an int (the same G for all) or a per-prompt list."""
+    if isinstance(num_generations, int):
+        sizes = [num_generations] * num_prompts
+    else:
+        sizes = [int(g) for g in num_generations]
+        if len(sizes) != num_prompts:
+            raise ValueError(f"generate: {len(sizes)} group sizes for {num_prompts} prompts")
+    if any(g < 1 for g in sizes):
+        raise ValueError(f"generate: every group needs at least one completion, got {sizes}")
+    return sizes

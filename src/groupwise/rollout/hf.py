@@ -20,7 +20,7 @@ import torch
 
 from groupwise.model.logprobs import position_ids_from_mask
 from groupwise.model.packing import unsupported_reason
-from groupwise.rollout.base import SamplingParams
+from groupwise.rollout.base import SamplingParams, group_sizes
 from groupwise.rollout.scheduling import (
     LengthOrder, LengthPredictor, concurrent_sequences, kv_bytes_per_token, order_sequences, sequence_uniforms,
 )
@@ -134,16 +134,17 @@ class HFRolloutEngine:
         self,
         prompts: list[Prompt],
         prompt_texts: list[str],
-        num_generations: int,
+        num_generations: int | list[int],
         params: SamplingParams,
         seed: int,
     ) -> RolloutBatch:
         device = next(self.model.parameters()).device
+        sizes = group_sizes(num_generations, len(prompts))
         prompt_rows = self.tokenize_prompts(prompt_texts)
-        rows = [r for r in prompt_rows for _ in range(num_generations)]
-        group_id = torch.arange(len(prompts)).repeat_interleave(num_generations)
+        rows = [r for r, g in zip(prompt_rows, sizes) for _ in range(g)]
+        group_id = torch.arange(len(prompts)).repeat_interleave(torch.tensor(sizes, dtype=torch.long))
         keys = [p.index if p.index >= 0 else text for p, text in zip(prompts, prompt_texts)]
-        row_keys = [k for k in keys for _ in range(num_generations)]
+        row_keys = [k for k, g in zip(keys, sizes) for _ in range(g)]
         slots = self.slots_for(rows, params.max_new_tokens)
         order = order_sequences([self.lengths.predict(k) for k in row_keys], self.length_order, slots)
 

@@ -1,16 +1,12 @@
-"""Which prompts each training step uses.
-
-A sampler hands out dataset indices with `next_indices(n)`, can be saved and restored
-exactly with `state_dict()` / `load_state_dict(d)`, and hears about the rewards its prompts
-got through `update(indices, rewards)`. Later samplers (variance-aware, curricula) use the
-same interface; `UniformSampler` is the default.
-"""
+"""The default sampler: every prompt once per epoch, in a fresh seeded order, G completions each."""
 from __future__ import annotations
 
 import random
 from typing import Any
 
-__all__ = ["UniformSampler"]
+from groupwise.data.samplers.base import RoundOutcome, SamplePlan, SamplerContext, register_sampler
+
+__all__ = ["UniformSampler", "uniform_sampler"]
 
 
 class UniformSampler:
@@ -56,8 +52,12 @@ class UniformSampler:
                 self._order = None
         return out
 
-    def update(self, indices: list[int], rewards: Any) -> None:
-        """Hook for samplers that adapt to rewards (variance-aware, curricula); uniform ignores it."""
+    def plan(self, num_groups: int, group_size: int, step: int = 0) -> SamplePlan:
+        """The next `num_groups` prompts of the walk, `group_size` completions each."""
+        return SamplePlan(self.next_indices(num_groups), [group_size] * num_groups)
+
+    def update(self, outcome: RoundOutcome) -> None:
+        """Uniform sampling does not adapt to rewards."""
 
     def state_dict(self) -> dict[str, int]:
         """Where the walk is, as JSON-serializable ints; restoring it repeats the same future."""
@@ -77,3 +77,10 @@ class UniformSampler:
             epoch, position = epoch + 1, 0
         self.seed, self.epoch, self.position = int(state["seed"]), epoch, position
         self._order = None
+
+
+@register_sampler("uniform")
+def uniform_sampler(ctx: SamplerContext) -> UniformSampler:
+    """Uniform sampling without replacement within an epoch (every prompt once per epoch, as TRL
+    and verl's default dataloaders do); every group gets `rollout.num_generations` completions."""
+    return UniformSampler(ctx.num_prompts, ctx.seed, shuffle=ctx.shuffle)
