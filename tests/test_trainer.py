@@ -208,7 +208,7 @@ def test_compare_trains_each_recipe_on_the_same_base(tmp_path, capsys):
 
 def test_compare_refuses_an_unknown_recipe_before_training(capsys):
     assert main(["compare", "grpo", "no_such_recipe", "--steps", "1"]) == 2
-    assert "recipe 'no_such_recipe' is neither a file nor a known recipe; known: bnpo, cispo, d3s, dapo" in capsys.readouterr().err
+    assert "recipe 'no_such_recipe' is neither a file nor a known recipe; known: ar3po, bnpo, cispo, d3s, dapo" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (__import__("pathlib").Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")))

@@ -1,6 +1,7 @@
 """`groupwise compare RECIPE… --steps N`: several recipes on the same task, model and seed, one table.
 
-A recipe contributes its `algorithm` section and `rollout.num_generations`; everything else (model,
+A recipe contributes its `algorithm` and `guidance` sections, `rollout.num_generations` and its
+sampler (`data.sampler`, `data.sampler_options`); everything else (model,
 data, rewards, optimizer, schedule) comes from one base config (default: the built-in default), so
 the comparison isolates the algorithm. A spec may carry its own overrides after a colon:
 `grpo:rollout.num_generations=2` or `dapo:algorithm.eps_high=0.3,optimizer.lr=2e-4`.
@@ -37,6 +38,10 @@ def recipe_config(base_raw: dict[str, Any], recipe_file: Path, overrides: list[s
     recipe = load_raw(recipe_file)
     raw = json.loads(json.dumps(base_raw))  # deep copy
     raw["algorithm"] = recipe.get("algorithm", {})
+    raw["guidance"] = recipe.get("guidance", {})
+    for key in ("sampler", "sampler_options"):
+        if key in recipe.get("data", {}):
+            raw.setdefault("data", {})[key] = recipe["data"][key]
     generations = recipe.get("rollout", {}).get("num_generations")
     if generations is not None:
         raw.setdefault("rollout", {})["num_generations"] = generations

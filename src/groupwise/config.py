@@ -182,6 +182,65 @@ class AlgorithmConfig(_Section):
                                section=self, flat=FLAT_LOSS_OPTIONS, explicit_key="loss_options")
 
 
+class ReplayConfig(_Section):
+    """RePO (arXiv 2506.09340): past completions of a prompt replayed into its group, trained with the
+    PPO ratio against their stored sampling log-probs."""
+
+    per_group: int = Field(0, ge=0, description="replayed completions added to each group; 0 = off (RePO's script: 8)")
+    capacity: int = Field(16, ge=1, description="completions kept per prompt (oldest evicted)")
+    min_stored: int = Field(1, ge=1, description="replay a prompt only once this many of its completions are stored")
+    strategy: str = Field("highest", description="which stored completions: random, recent, highest (reward), max_variance, all")
+    advantage: Literal["split", "mixed"] = Field("split", description="split: replayed rows normalized apart from the fresh ones (RePO's default); mixed: one group")
+
+
+class AdaptiveRolloutConfig(_Section):
+    """AR3PO (arXiv 2509.25808): more samples only for prompts still unsolved, and reuse of a past correct completion."""
+
+    stages: int = Field(1, ge=1, description="sampling stages; after each, prompts with no correct completion get per_stage more; 1 = off")
+    per_stage: int | None = Field(None, ge=1, description="completions added per stage; default rollout.num_generations")
+    reuse_correct: bool = Field(False, description="a group that ends all wrong gets a past correct completion of its prompt (counted in its statistics, not trained on)")
+
+
+class HintsConfig(_Section):
+    """Scaf-GRPO (arXiv 2510.19807): tiered in-prompt hints for prompts whose groups keep failing."""
+
+    column: str | None = Field(None, description="dataset column with a hint, a list of hints (abstract → concrete) or {knowledge, planning, solution}; null = off")
+    patience: int = Field(1, ge=1, description="all-wrong groups in a row before the next hint level")
+    warmup_steps: int = Field(50, ge=0, description="no hints before this step (Scaf-GRPO's guidance-exemption period)")
+    max_level: int | None = Field(None, ge=0)
+    template: str = Field("\n\nHint: {hint}", description="appended to the prompt; {hint} and {tier}")
+
+
+class SelfExplanationConfig(_Section):
+    """ExPO (arXiv 2507.02834): an explanation sampled with the answer in view, trained as a positive under the plain prompt."""
+
+    enabled: bool = False
+    answer_column: str = "answer"
+    coef: float = Field(0.04, gt=0.0, description="β of the added β·log π(explanation | plain prompt) term")
+    template: str = Field("\n\nThe correct final answer is {answer}. Explain step by step how to reach this answer.",
+                          description="appended to the prompt; {answer}")
+    all_wrong_only: bool = Field(True, description="explain only prompts whose group was all wrong")
+
+
+class TeacherConfig(_Section):
+    """LUFFY (arXiv 2504.14945) / AMPO (arXiv 2510.02227): reference solutions as off-policy rows of all-wrong groups."""
+
+    column: str | None = Field(None, description="dataset column with a reference solution (or a list: several teachers); null = off")
+    gamma: float = Field(0.1, gt=0.0, description="policy shaping f(p) = p / (p + γ) of teacher tokens")
+    max_per_group: int = Field(1, ge=1, description="teacher solutions added to one group at most")
+    all_wrong_only: bool = Field(True, description="AMPO's guidance on demand: only groups with no correct completion")
+
+
+class GuidanceConfig(_Section):
+    """Replay, reuse and help on failure: rows added to a step's groups besides the fresh samples."""
+
+    replay: ReplayConfig = ReplayConfig()
+    adaptive_rollout: AdaptiveRolloutConfig = AdaptiveRolloutConfig()
+    hints: HintsConfig = HintsConfig()
+    self_explanation: SelfExplanationConfig = SelfExplanationConfig()
+    teacher: TeacherConfig = TeacherConfig()
+
+
 class OptimizerConfig(_Section):
     name: Literal["adamw"] = "adamw"
     lr: float = Field(1e-6, gt=0.0)
@@ -230,6 +289,7 @@ class Config(_Section):
     rollout: RolloutConfig = RolloutConfig()
     rewards: RewardsConfig = RewardsConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    guidance: GuidanceConfig = GuidanceConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -320,6 +380,17 @@ def _check_consistency(cfg: Config) -> None:
 
     if cfg.rewards.aggregation not in REWARD_AGGREGATIONS:
         raise ValueError(f"rewards.aggregation '{cfg.rewards.aggregation}' is unknown; known: {', '.join(REWARD_AGGREGATIONS.names())}")
+    from groupwise.data.replay import _STRATEGIES
+
+    gd = cfg.guidance
+    if gd.replay.strategy not in _STRATEGIES:
+        raise ValueError(f"guidance.replay.strategy '{gd.replay.strategy}' is unknown; known: {', '.join(sorted(_STRATEGIES))}")
+    if gd.adaptive_rollout.stages > 1 and alg.dynamic_sampling.enabled:
+        raise ValueError("guidance.adaptive_rollout.stages > 1 and algorithm.dynamic_sampling.enabled are two ways to fill groups; choose one")
+    for key, template, field in (("guidance.hints.template", gd.hints.template, "hint"),
+                                 ("guidance.self_explanation.template", gd.self_explanation.template, "answer")):
+        if "{" + field + "}" not in template:
+            raise ValueError(f"{key} must contain {{{field}}}")
     from groupwise.data.samplers import SAMPLERS, check_sampler_options
 
     if cfg.data.sampler not in SAMPLERS and ":" not in cfg.data.sampler:

@@ -36,6 +36,7 @@ from groupwise.data.prompt_stats import PromptStats
 from groupwise.data.samplers import RoundOutcome, SamplerContext, build_sampler
 from groupwise.data.sources import load_eval_prompts, load_train_prompts
 from groupwise.errors import RunDirError
+from groupwise.guidance import GeneratedRound, Guidance
 from groupwise.evaluation import accuracy_index, correct_mask, evaluate, score_rollout
 from groupwise.metrics import MetricsLogger, Progress, sample_records, step_metrics, truncate_jsonl_after_step
 from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, resolve_model_path, trainable_parameters
@@ -44,7 +45,7 @@ from groupwise.model.packing import unsupported_reason_for_path
 from groupwise.optim import build_optimizer, build_scheduler
 from groupwise.rewards import RewardRunner
 from groupwise.rollout import SamplingParams, rollout_engine
-from groupwise.types import RolloutBatch, ScoredGroups, TrainBatch
+from groupwise.types import ROW_EXPLANATION, ROW_ON_POLICY, ROW_REPLAY, ROW_REUSED, Prompt, RolloutBatch, ScoredGroups, TrainBatch
 
 logger = logging.getLogger("groupwise.trainer")
 
@@ -115,7 +116,8 @@ class Trainer:
         self.sampler = build_sampler(cfg.data.sampler, SamplerContext(
             num_prompts=len(self.train_prompts), seed=cfg.seed, stats=self.prompt_stats, prompts=self.train_prompts, shuffle=cfg.data.shuffle,
         ), cfg.data.sampler_options)
-        self.parts = ObjectiveParts.from_config(cfg.algorithm)
+        self.guidance = Guidance(cfg.guidance, self.train_prompts, self.prompt_stats, self.tokenizer, self.engine.pad_id, cfg.seed)
+        self.parts = ObjectiveParts.from_config(cfg.algorithm).with_guidance(cfg.guidance)
         self.advantage_options = cfg.algorithm.advantage_kwargs()
         self.advantage_state: dict[str, Any] = {}   # estimators' running statistics (BNPO, DCPO, …)
         kl, ent = cfg.algorithm.kl, cfg.algorithm.entropy_control
@@ -138,6 +140,7 @@ class Trainer:
             self.sampler.load_state_dict({**state["sampler"], **(ckpt.load_tensors(latest, "sampler") or {})})
             if (stats := ckpt.load_tensors(latest, "prompt_stats")) is not None:
                 self.prompt_stats.load_state_dict(stats)
+            self.guidance.load_state_dict(ckpt.load_tensors(latest, "guidance") or {})
             self.eval_before = state.get("eval_before", {})
             self.advantage_state = state.get("advantage_state", {})
             self.kl_controller.load_state_dict(state["kl_controller"])
@@ -190,7 +193,7 @@ class Trainer:
                 "kl_controller": self.kl_controller.state_dict(), "entropy_controller": self.entropy_controller.state_dict() if self.entropy_controller else None,
                 "entropy_coef_applied": self.parts.entropy_coef,
             },
-            tensors={"prompt_stats": self.prompt_stats.state_dict(), "sampler": sampler_state["tensors"]},
+            tensors={"prompt_stats": self.prompt_stats.state_dict(), "sampler": sampler_state["tensors"], "guidance": self.guidance.state_dict()},
             keep_last=self.config.checkpoint.keep_last,
         )
 
@@ -202,8 +205,19 @@ class Trainer:
 
         # 1–3. prompts → groups of completions → scores (more rounds under dynamic sampling)
         collected, collect_metrics = self._collect()
+        fresh = collected                          # the on-policy groups: what the step's metrics describe
+        known = None                               # stored rewards of replayed / reused rows (NaN: scored now)
+        if self.guidance.active:
+            correct = correct_mask(collected.scores, self.accuracy_index, cfg.rewards.correct_threshold)
+            collected, known, guidance_metrics = self.guidance.augment(
+                collected, correct, self.step, self._render, self._generate_scored,
+                lambda rows: score_rollout(self.rewards, rows, trainer_state={"step": self.step}))
+            collect_metrics.update(guidance_metrics)
         rollout, scores = collected.rollout, collected.scores
+        source = rollout.row_source
         rewards = scores.total().to(self.device)   # the weighted sum: what metrics and filters read
+        if known is not None:
+            rewards = torch.where(torch.isnan(known.to(self.device)), rewards, known.to(self.device, rewards.dtype))
         t1 = time.perf_counter()
 
         # 4. row filters, old / reference log-probs, KL-in-reward, advantages
@@ -220,16 +234,23 @@ class Trainer:
             scored = kl_in_reward(scored, batch.old_logprobs, batch.ref_logprobs, batch.completion_mask, self.kl_controller.coef, alg.kl.estimator)
         if row_keep is not None:
             scored = torch.where(row_keep, scored, torch.full_like(scored, float("nan")))
+        group_id = rollout.group_id
+        if self.guidance.active:
+            # ExPO explanations are no group member (NaN: left out of the statistics, A = 0)
+            scored = torch.where(source == ROW_EXPLANATION, torch.full_like(scored, float("nan")), scored)
+            if cfg.guidance.replay.advantage == "split":   # RePO: replayed rows normalized apart from the fresh ones
+                group_id = group_id * 2 + (source == ROW_REPLAY).long()
         ctx = AdvantageContext(
             lengths=lengths, state=self.advantage_state,
             # `prompt_index` (dataset row) lets estimators keep per-prompt statistics across steps
             columns={**rollout.row_columns(), "prompt_index": [rollout.prompts[g].index for g in rollout.group_id.tolist()]},
         )
-        advantages = compute_advantages(alg.advantage, scored, rollout.group_id, ctx, **self.advantage_options)
+        advantages = compute_advantages(alg.advantage, scored, group_id, ctx, **self.advantage_options)
         if alg.d3s.samples_per_group:
             keep = d3s_sample_keep(advantages, rollout.group_id, alg.d3s.samples_per_group)
             row_keep = keep if row_keep is None else row_keep & keep
-        for rows in (ctx.loss_mask, row_keep):  # rows left out of the loss (MC-GRPO pivot, GFPO, D³S)
+        reused = (source != ROW_REUSED) if bool((source == ROW_REUSED).any()) else None   # AR3PO: in the statistics, not trained on
+        for rows in (ctx.loss_mask, row_keep, reused):  # rows left out of the loss (MC-GRPO pivot, GFPO, D³S, reuse)
             if rows is not None:
                 batch.completion_mask = batch.completion_mask * rows.to(batch.completion_mask.dtype).unsqueeze(-1)
         batch.advantages = advantages
@@ -243,15 +264,19 @@ class Trainer:
             update["filtered_fraction"] = float(1.0 - row_keep.float().mean())
 
         if cfg.logging.samples_every and (self.step + 1) % cfg.logging.samples_every == 0:
-            self.logger.log_samples(self.step + 1, sample_records(rollout, scores, cfg.logging.num_samples))
+            self.logger.log_samples(self.step + 1, sample_records(fresh.rollout, fresh.scores, cfg.logging.num_samples))
         times = {**collect_metrics.pop("times"), "prepare": t2 - t1, "update": t3 - t2, "step": t3 - t0}
-        metrics = step_metrics(rollout, scores, rewards, advantages, self.accuracy_index, cfg.rewards.correct_threshold, times)
+        on_policy = source == ROW_ON_POLICY
+        metrics = step_metrics(fresh.rollout, fresh.scores, rewards[on_policy], advantages[on_policy], self.accuracy_index,
+                               cfg.rewards.correct_threshold, times)
         metrics.update(update)
         metrics.update(collect_metrics)
+        metrics["tokens_generated"] += metrics.get("guidance/generated_tokens", 0.0)   # ExPO's explanations are compute too
         metrics.update(ctx.metrics)
         metrics.update(self.prompt_stats.metrics())
         if hasattr(self.sampler, "metrics"):
             metrics.update(self.sampler.metrics())
+        metrics.update(self.guidance.metrics())
         metrics.update({f"rollout/{k}": v for k, v in self.engine.last_stats.items()})   # of the last generation round
         self.step += 1
         return metrics
@@ -292,30 +317,31 @@ class Trainer:
         cfg = self.config
         want, ds = cfg.rollout.prompts_per_step, cfg.algorithm.dynamic_sampling
         kept, dropped, n_kept, times = [], [], 0, {"generation": 0.0, "scoring": 0.0}
+        extra_metrics: dict[str, float] = {}
         generated = 0.0  # every generated token, discarded rounds included: the honest compute count
         rounds = ds.max_rounds if ds.enabled else 1
         for round_index in range(rounds):
-            t0 = time.perf_counter()
             plan = self.sampler.plan(want, cfg.rollout.num_generations, self.sampler_draws)
             self.sampler_draws += 1
             indices = plan.indices
-            prompts = [self.train_prompts[i] for i in indices]
-            texts = [render_prompt(p, self.tokenizer, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt) for p in prompts]
+            prompts = self.guidance.apply_hints([self.train_prompts[i] for i in indices])   # Scaf-GRPO
             seed = _step_seed(cfg.seed, self.step, 1 + 1000 * round_index)
-            rollout = self.engine.generate(prompts, texts, plan.group_sizes, self.sampling, seed=seed)
-            t1 = time.perf_counter()
+            fresh = self._generate_scored(prompts, plan.group_sizes, seed, times=times)
+            part, correct = fresh.scored, fresh.correct
+            if cfg.guidance.adaptive_rollout.stages > 1:   # AR3PO: more samples for prompts still unsolved
+                part, correct, added = self.guidance.more_stages(part, correct, prompts, self._generate_scored, seed,
+                                                                 cfg.rollout.num_generations)
+                extra_metrics["adaptive_rollout/extra_completions"] = float(added)
+            rollout = part.rollout
             generated += float(rollout.completion_lengths.sum())
-            part = ScoredGroups(rollout, score_rollout(self.rewards, rollout, trainer_state={"step": self.step}))
             totals = part.scores.total()
-            correct = correct_mask(part.scores, self.accuracy_index, cfg.rewards.correct_threshold)
             gid = rollout.group_id
             by_group = [split_by_group(v, gid) for v in (totals.tolist(), correct.tolist(), rollout.completions_text)]
             self.prompt_stats.update(indices, by_group[0], by_group[1], self.step)
             self.sampler.update(RoundOutcome(indices, *by_group, step=self.step))
-            times["generation"] += t1 - t0
-            times["scoring"] += time.perf_counter() - t1
+            self.guidance.after_round(indices, by_group[1], self.step)
             if not ds.enabled:
-                return part, {"times": times}
+                return part, {"times": times, **extra_metrics}
             informative = dynamic_sampling_keep(totals, rollout.group_id.cpu()).tolist()
             keep = [g for g in range(want) if informative[g]]
             drop = [g for g in range(want) if not informative[g]]
@@ -333,6 +359,24 @@ class Trainer:
         }
         return merged, {"times": times, **metrics}
 
+    def _render(self, prompt: Prompt) -> str:
+        cfg = self.config
+        return render_prompt(prompt, self.tokenizer, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt)
+
+    def _generate_scored(self, prompts: list[Prompt], group_sizes: list[int], seed: int, prompt_texts: list[str] | None = None,
+                         times: dict[str, float] | None = None) -> GeneratedRound:
+        """Generate groups for `prompts` and score them (on-policy rows)."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        texts = prompt_texts if prompt_texts is not None else [self._render(p) for p in prompts]
+        rollout = self.engine.generate(prompts, texts, group_sizes, self.sampling, seed=seed)
+        t1 = time.perf_counter()
+        scores = score_rollout(self.rewards, rollout, trainer_state={"step": self.step})
+        if times is not None:
+            times["generation"] += t1 - t0
+            times["scoring"] += time.perf_counter() - t1
+        return GeneratedRound(ScoredGroups(rollout, scores), correct_mask(scores, self.accuracy_index, cfg.rewards.correct_threshold))
+
     def _train_batch(self, rollout: RolloutBatch) -> TrainBatch:
         """The update's inputs; advantages are filled in once the estimator has run."""
         mask = rollout.completion_mask.float()
@@ -347,6 +391,9 @@ class Trainer:
             ref_logprobs=None,
             max_completion_length=self.config.rollout.max_new_tokens,
             group_id=rollout.group_id,
+            source=rollout.source,
+            # replayed rows are trained against the policy that sampled them (RePO)
+            behaviour_logprobs=rollout.sampling_logprobs if rollout.source is not None and bool((rollout.source == ROW_REPLAY).any()) else None,
         )
 
     @torch.no_grad()
@@ -398,10 +445,12 @@ class Trainer:
                         layout=self.layout, group_id=mb.group_id,
                     )
                     old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
+                    if mb.behaviour_logprobs is not None:
+                        old = torch.where((mb.source == ROW_REPLAY).unsqueeze(-1), mb.behaviour_logprobs, old)
                     mask = self._token_mask(mb, entropy)
                     sums["tokens_before_token_masks"] += float(mb.completion_mask.sum())
                     out = policy_objective(self.parts, logp, old, mb.advantages, mask, counts, ref_logp=mb.ref_logprobs, entropy=entropy,
-                                           group_id=mb.group_id)
+                                           group_id=mb.group_id, source=mb.source)
                     out.loss.backward()
                     step_loss += float(out.loss.detach())
                     for k, v in out.sums.items():

@@ -12,6 +12,15 @@ from typing import Any
 import torch
 
 
+# Where a row of a group came from (`RolloutBatch.source`); the update treats each kind differently.
+ROW_ON_POLICY = 0      # sampled now from the policy
+ROW_REPLAY = 1         # RePO: a past completion of the prompt; ratio against its stored sampling log-probs
+ROW_TEACHER = 2        # LUFFY / AMPO: a reference solution; behaviour probability unknown (policy shaping)
+ROW_EXPLANATION = 3    # ExPO: sampled with the answer in view, trained as a positive under the plain prompt
+ROW_REUSED = 4         # AR3PO: a past correct completion in an all-wrong group (in the group's statistics, not trained on)
+ROW_SOURCES = ("on_policy", "replay", "teacher", "explanation", "reused")
+
+
 @dataclass
 class Prompt:
     """One dataset row as the policy sees it.
@@ -49,6 +58,11 @@ class RolloutBatch:
     group_id: torch.Tensor                # [N] long, contiguous: 0,0,…,0,1,1,…
     finished: torch.Tensor                # [N] bool: EOS was generated (else truncated at max_new_tokens)
     completions_text: list[str]           # length N, decoded without special tokens
+    source: torch.Tensor | None = None    # [N] long ROW_* kind; None = every row on-policy
+
+    @property
+    def row_source(self) -> torch.Tensor:
+        return self.source if self.source is not None else torch.zeros_like(self.group_id)
 
     @property
     def num_completions(self) -> int:
@@ -85,6 +99,7 @@ class RolloutBatch:
             completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
             sampling_logprobs=self.sampling_logprobs[rows], group_id=new_gid, finished=self.finished[rows],
             completions_text=[self.completions_text[i] for i in rows.tolist()],
+            source=None if self.source is None else self.source[rows],
         )
 
     @staticmethod
@@ -110,6 +125,7 @@ class RolloutBatch:
             group_id=torch.cat([b.group_id + off for b, off in zip(batches, offsets)]),
             finished=torch.cat([b.finished for b in batches]),
             completions_text=[t for b in batches for t in b.completions_text],
+            source=None if all(b.source is None for b in batches) else torch.cat([b.row_source for b in batches]),
         )
 
     def row_columns(self) -> dict[str, list[Any]]:
@@ -176,6 +192,8 @@ class TrainBatch:
     ref_logprobs: torch.Tensor | None     # [N, Tc] reference policy, only when a KL term is on
     max_completion_length: int            # the configured limit (Dr. GRPO's constant)
     group_id: torch.Tensor | None = None  # [N] for group-aware surrogates (DisCO); groups contiguous
+    source: torch.Tensor | None = None    # [N] ROW_* kind of each row; None = all on-policy
+    behaviour_logprobs: torch.Tensor | None = None   # [N, Tc] stored sampling log-probs (replayed rows' π_old)
 
     @property
     def num_rows(self) -> int:
@@ -197,4 +215,6 @@ class TrainBatch:
             ref_logprobs=take(self.ref_logprobs),
             max_completion_length=self.max_completion_length,
             group_id=take(self.group_id),
+            source=take(self.source),
+            behaviour_logprobs=take(self.behaviour_logprobs),
         )

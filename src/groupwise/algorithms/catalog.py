@@ -17,8 +17,10 @@ Generated from the docstrings of the registered parts by
 `python -m groupwise.algorithms.catalog > docs/methods.md`; do not edit by hand.
 Select a part by its name in the config (`algorithm.advantage`, `algorithm.ratio_level`,
 `algorithm.loss`, `algorithm.aggregation`, `algorithm.kl.estimator`, `rewards.aggregation`,
-`rewards.functions[].name`); give its options in `algorithm.advantage_options` /
-`algorithm.loss_options` or the flat fields that map onto them, and a reward's in its `kwargs`.
+`rewards.functions[].name`, `data.sampler`); give its options in `algorithm.advantage_options` /
+`algorithm.loss_options` or the flat fields that map onto them, a reward's in its `kwargs`, and a
+sampler's in `data.sampler_options`. Replay, reuse and guidance on failure (RePO, AR3PO, Scaf-GRPO,
+ExPO, LUFFY/AMPO) are config sections, not parts: see `guidance:` in `groupwise.config`.
 """
 
 
@@ -38,6 +40,7 @@ def _kwargs_text(factory) -> str:
 def methods_markdown() -> str:
     from groupwise.algorithms import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_LEVELS
     from groupwise.algorithms.reward_aggregation import REWARD_AGGREGATIONS
+    from groupwise.data.samplers import SAMPLERS
     from groupwise.rewards import REWARDS
 
     sections = [
@@ -48,6 +51,7 @@ def methods_markdown() -> str:
         ("KL estimators", "algorithm.kl.estimator", KL_ESTIMATORS, None),
         ("Reward aggregations", "rewards.aggregation", REWARD_AGGREGATIONS, None),
         ("Reward functions", "rewards.functions[].name", REWARDS, _kwargs_text),
+        ("Samplers", "data.sampler", SAMPLERS, _options_text),
     ]
     out = [_HEADER]
     for title, key, registry, options in sections:

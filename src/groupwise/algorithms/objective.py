@@ -14,9 +14,11 @@ from typing import Any, Callable
 
 import torch
 
+from groupwise.algorithms.off_policy import luffy_shaped_surrogate
 from groupwise.algorithms.losses import AGGREGATIONS, POLICY_LOSSES, RATIO_LEVELS, StepCounts
 from groupwise.algorithms.options import takes_group_id
 from groupwise.algorithms.regularizers import KL_ESTIMATORS
+from groupwise.types import ROW_EXPLANATION, ROW_TEACHER
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,6 +37,8 @@ class ObjectiveParts:
     kl_coef: float = 0.0
     kl_estimator: Callable[..., torch.Tensor] | None = None
     entropy_coef: float = 0.0
+    teacher_gamma: float = 0.1          # LUFFY shaping of teacher rows
+    explanation_coef: float = 0.0       # ExPO's β on self-explanation rows
 
     @classmethod
     def from_config(cls, alg: Any) -> "ObjectiveParts":
@@ -47,6 +51,11 @@ class ObjectiveParts:
             kl_estimator=KL_ESTIMATORS.get(alg.kl.estimator) if alg.kl.coef > 0 and alg.kl.placement == "loss" else None,
             entropy_coef=alg.entropy_coef,
         )
+
+    def with_guidance(self, guidance: Any) -> "ObjectiveParts":
+        self.teacher_gamma = guidance.teacher.gamma
+        self.explanation_coef = guidance.self_explanation.coef
+        return self
 
 
 @dataclass
@@ -65,12 +74,18 @@ def policy_objective(
     ref_logp: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     group_id: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """One micro-batch's share of the optimizer step's loss.
 
     `advantages` is `[N]` (broadcast over tokens) or `[N, T]`; `mask` is the float completion mask
     (0 for padding and for tokens excluded by filters); `entropy` is the per-token entropy, needed
     only when `parts.entropy_coef > 0` (otherwise it is only reported).
+
+    `source` ([N] ROW_* kinds) changes the surrogate of two kinds of row: a teacher row (LUFFY /
+    AMPO) takes the shaped, unclipped −f(π_θ)·A with f(p) = p/(p+γ), its behaviour probability being
+    unknown; a self-explanation row (ExPO) takes −β·log π_θ (a positive sample under the plain
+    prompt, no advantage). Replayed rows need nothing here: their `old_logp` is the stored one.
     """
     adv = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == 1 else advantages
     adv = adv.to(logp.dtype)
@@ -80,6 +95,14 @@ def policy_objective(
         runtime["group_id"] = group_id
     out = parts.surrogate(log_ratio, adv, logp, **runtime, **parts.surrogate_options)
     per_token = out.loss
+    if source is not None:
+        teacher = (source == ROW_TEACHER).unsqueeze(-1)
+        if bool(teacher.any()):
+            per_token = torch.where(teacher, luffy_shaped_surrogate(logp, adv, mask, gamma=parts.teacher_gamma), per_token)
+        explanation = (source == ROW_EXPLANATION).unsqueeze(-1)
+        if bool(explanation.any()):
+            per_token = torch.where(explanation, -parts.explanation_coef * logp, per_token)
+    surrogate_loss = per_token
     kl = None
     if parts.kl_estimator is not None:
         if ref_logp is None:
@@ -96,7 +119,7 @@ def policy_objective(
         m = mask.to(logp.dtype)
         sums = {
             "tokens": float(m.sum()),
-            "policy_loss": float(parts.aggregation(out.loss.detach(), mask, counts)),
+            "policy_loss": float(parts.aggregation(surrogate_loss.detach(), mask, counts)),
             "clip_low": float((out.clipped_low.to(m.dtype) * m).sum()),
             "clip_high": float((out.clipped_high.to(m.dtype) * m).sum()),
             "log_ratio_abs": float((log_ratio.detach().abs() * m).sum()),
