@@ -165,6 +165,8 @@ def test_bad_guidance_config_is_named(small_config, tmp_path):
         small_config(**{"guidance.replay.strategy": "best_of"})
     with pytest.raises(ConfigError, match="choose one"):
         small_config(**{"guidance.adaptive_rollout.stages": 2, "algorithm.dynamic_sampling.enabled": True})
+    with pytest.raises(ConfigError, match="rewards.aggregation 'normalize_then_sum' needs every reward function's score"):
+        small_config(**{"rewards.aggregation": "normalize_then_sum", "guidance.replay.per_group": 2})
     with pytest.raises(ConfigError, match="guidance.hints.template must contain"):
         small_config(**{"guidance.hints.template": "no placeholder"})
     with pytest.raises(ValueError, match="guidance.teacher.column 'solution' is not a column"):

@@ -151,3 +151,30 @@ def test_bad_sampler_config_is_named(small_config):
         small_config(**{"data.sampler": "vade", "data.sampler_options": "{bogus: 1}"})
     with pytest.raises(ConfigError, match="needs data.sampler_options.category_column"):
         small_config(**{"data.sampler": "sec"})
+
+
+# Estimators whose advantage of a row depends only on its own group (no batch-wide statistics, no state).
+GROUP_LOCAL = ["grpo", "dr_grpo", "rloo", "mc_grpo", "ngrpo", "opo", "passk"]   # not gpg: its α = B / B_valid is batch-wide
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(2, 9), min_size=2, max_size=6), data=st.data(), name=st.sampled_from(GROUP_LOCAL))
+def test_group_local_estimators_treat_each_group_as_if_alone(sizes, data, name):
+    """Variable group sizes: the advantages of a batch of groups of sizes 2…9 equal each group's
+    advantages computed on its own (so no estimator assumes one G)."""
+    from groupwise.algorithms import ADVANTAGES
+    from groupwise.algorithms.advantages import AdvantageContext
+
+    fn = ADVANTAGES.get(name)
+    rewards = [data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=n, max_size=n)) for n in sizes]
+    lengths = [data.draw(st.lists(st.integers(1, 20), min_size=n, max_size=n)) for n in sizes]
+
+    def run(rs, ls):
+        r = torch.tensor([x for g in rs for x in g], dtype=torch.float64)
+        gid = torch.arange(len(rs)).repeat_interleave(torch.tensor([len(g) for g in rs]))
+        ctx = AdvantageContext(lengths=torch.tensor([x for g in ls for x in g], dtype=torch.float64))
+        return fn(r, gid, ctx)
+
+    together = run(rewards, lengths)
+    alone = torch.cat([run([r], [l]) for r, l in zip(rewards, lengths)])
+    torch.testing.assert_close(together, alone)

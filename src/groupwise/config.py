@@ -387,6 +387,9 @@ def _check_consistency(cfg: Config) -> None:
         raise ValueError(f"guidance.replay.strategy '{gd.replay.strategy}' is unknown; known: {', '.join(sorted(_STRATEGIES))}")
     if gd.adaptive_rollout.stages > 1 and alg.dynamic_sampling.enabled:
         raise ValueError("guidance.adaptive_rollout.stages > 1 and algorithm.dynamic_sampling.enabled are two ways to fill groups; choose one")
+    if cfg.rewards.aggregation != "sum_then_normalize" and (gd.replay.per_group or gd.adaptive_rollout.reuse_correct):
+        raise ValueError(f"rewards.aggregation '{cfg.rewards.aggregation}' needs every reward function's score of every row, "
+                         "but replayed and reused rows keep only their total; use sum_then_normalize with guidance.replay / reuse_correct")
     for key, template, field in (("guidance.hints.template", gd.hints.template, "hint"),
                                  ("guidance.self_explanation.template", gd.self_explanation.template, "answer")):
         if "{" + field + "}" not in template:
