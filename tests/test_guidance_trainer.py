@@ -175,3 +175,19 @@ def test_bad_guidance_config_is_named(small_config, tmp_path):
     with pytest.raises(ValueError, match="answer_column 'gold' is empty or missing in training row 0"):
         Trainer(small_config(**{"data.train": str(data), "data.eval": str(data), "guidance.self_explanation.enabled": True,
                                 "guidance.self_explanation.answer_column": "gold"}))
+
+
+@pytest.mark.parametrize("extra", [
+    {"model.shared_prefix": True},
+    {"algorithm.num_iterations": 2, "algorithm.mini_batches": 2, "optimizer.micro_batch_size": 4},
+    {"algorithm.kl.coef": 0.05, "algorithm.kl.placement": "reward"},
+])
+def test_extra_rows_with_other_layouts_and_updates(small_config, tmp_path, extra):
+    data = write_rows(tmp_path / "train.jsonl", n=4, solution=lambda a, b: str(a + b))
+    cfg = small_config(**{"data.train": str(data), "data.eval": str(data), "guidance.replay.per_group": 1,
+                          "guidance.teacher.column": "solution", "guidance.teacher.all_wrong_only": False,
+                          "data.shuffle": False, "schedule.steps": 2, **extra})
+    t = Trainer(cfg)
+    rows = [t.train_step() for _ in range(2)]
+    assert rows[1]["guidance/replay_rows"] == 4 and rows[1]["guidance/teacher_rows"] == 4
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in rows)
