@@ -1,4 +1,4 @@
-"""`groupwise train | eval` — the command line. Bad input: one sentence, exit code 2."""
+"""`groupwise train | compare | eval | plan` — the command line. Bad input: one sentence, exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--base", help="base config (default: the built-in default)")
     c.add_argument("--out", help="output directory (default: runs/compare-<time>)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="applied to every recipe")
+
+    m = sub.add_parser("plan", help="expected per-device memory of a config; exit 2 when it cannot fit")
+    m.add_argument("config", nargs="?", help="YAML config file (default: the built-in recipe)")
+    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
 
     e = sub.add_parser("eval", help="held-out greedy accuracy and pass@k / mean@k")
     e.add_argument("target", nargs="?", help="a run directory (its newest checkpoint) or a YAML config; default: the built-in model")
@@ -84,6 +88,17 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from groupwise.config import load_config
+    from groupwise.memory_plan import format_plan, plan_memory
+
+    plan = plan_memory(load_config(args.config, args.overrides))
+    print(format_plan(plan))
+    if not plan.fits:
+        raise _UserError(plan.advice())
+    return 0
+
+
 class _UserError(ValueError):
     pass
 
@@ -93,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": _cmd_train, "compare": _cmd_compare, "eval": _cmd_eval}
+        commands = {"train": _cmd_train, "compare": _cmd_compare, "eval": _cmd_eval, "plan": _cmd_plan}
         return commands[args.command](args)
     except (_UserError, *USER_ERRORS) as e:
         print(f"groupwise: error: {e}", file=sys.stderr)

@@ -40,6 +40,7 @@ class ModelConfig(_Section):
     padding_free: bool = Field(False, description="log-probs and the update run on one packed row per micro-batch: no pad tokens (groupwise.model.packing)")
     shared_prefix: bool = Field(False, description="Prefix Grouper: each group's prompt is encoded once in the update and the old/reference log-probs (implies padding_free)")
     lora: LoraConfig = LoraConfig()
+    check_memory: bool = Field(True, description="before loading the model, estimate its per-device memory (groupwise.memory_plan, as `groupwise plan` prints) and refuse a run that cannot fit; false = skip the check")
 
     @property
     def sequence_layout(self) -> str:

@@ -102,6 +102,8 @@ class Trainer:
         if self.layout != "padded" and (why := unsupported_reason_for_path(str(resolve_model_path(cfg.model.path)))):
             field = "model.shared_prefix" if cfg.model.shared_prefix else "model.padding_free"
             raise ConfigError(f"{field}: {why}; set {field}: false")
+        if cfg.model.check_memory:
+            self._check_memory()
         self.model = load_policy(cfg.model, self.device)
         self.model.train()
         self.ref_model = None
@@ -152,6 +154,14 @@ class Trainer:
                 truncate_jsonl_after_step(self.run_dir / name, self.step)
         ckpt.atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard)
+
+    def _check_memory(self) -> None:
+        """Refuse, before any weight is loaded, a config whose expected peak memory exceeds the device."""
+        from groupwise.memory_plan import plan_memory
+
+        plan = plan_memory(self.config)
+        if not plan.fits:
+            raise ConfigError(f"{plan.advice()} (or set model.check_memory: false to skip this check)")
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:

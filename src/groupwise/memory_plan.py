@@ -1,0 +1,290 @@
+"""Memory planner: the expected per-device memory of a run, from the model's `config.json` alone.
+
+`groupwise plan CONFIG` prints it; `Trainer` refuses a config that cannot fit before any weight is
+loaded (`model.check_memory`). Nothing here reads weights: the model is built on the `meta` device
+(shapes only), so parameter counts — and LoRA adapter counts — are exact and cost milliseconds.
+
+The estimate is an upper-bound-minded sketch, not a profiler. What each term assumes:
+
+* parameters: Σ numel of the meta-built model (tied embeddings counted once) × bytes of `model.dtype`.
+* reference: a second frozen copy of the same size when `algorithm.kl.coef > 0` and LoRA is off
+  (with LoRA the reference is the base model with the adapter disabled: no copy).
+* gradients: trainable × bytes of the trainable dtype (full fine-tuning: `model.dtype`; LoRA:
+  float32, as peft keeps adapters in float32). Gradients stay allocated between steps
+  (`zero_grad(set_to_none=True)` runs at the start of the next update), so they coexist with generation.
+* optimizer: AdamW's two moments, 2 × trainable × bytes of the trainable dtype (8 bytes per
+  trainable parameter in float32).
+* activations: one micro-batch of `rows` completions (`optimizer.micro_batch_size`, else the whole
+  mini-batch), each `P + C` tokens (P: prompt length estimate, C: `rollout.max_new_tokens`; with
+  `model.shared_prefix` a group's prompt counts once). Per token and decoder layer we count the
+  tensors autograd saves in a Llama-style block with SDPA attention (no `[T, T]` scores):
+  E = 4·hidden (two norm inputs and outputs) + 2·q_dim (queries, attention output) + 2·kv_dim
+  (keys, values) + 4·intermediate (gate, up, act(gate), act(gate)·up), in `model.dtype` bytes.
+  (For a GPT block with intermediate = 4·hidden this is 24·hidden elements, a little above
+  Megatron's 17·hidden of Korthikanti et al. 2022, which shares some of these buffers.)
+  Without checkpointing: tokens · layers · E. With `model.gradient_checkpointing` only each
+  layer's input is kept, plus one layer recomputed at a time: tokens · (layers · hidden + E).
+  Plus 2·hidden per token for the final norm and the last hidden state.
+* logits: `groupwise.model.logprobs` never materializes `[N, T, vocab]`: the head runs on the M =
+  rows · C completion positions in chunks of 512 rows and recomputes them in backward, where four
+  float32 `[chunk, vocab]` buffers are alive (logits, log-softmax, p, dlogits). So: the M gathered
+  hidden states (model dtype) + 4 · min(512, M) · vocab · 4 bytes (+ a float32 `[vocab, hidden]`
+  accumulator for the head's gradient under full fine-tuning).
+* kv_cache: sequences decoded at once (`rollout.scheduling.concurrent_sequences` over one round's
+  completions, bounded by `rollout.max_concurrent_sequences` / `rollout.kv_cache_budget_mb`) ×
+  (P + C) × `kv_bytes_per_token` (keys and values of every layer, in `model.dtype`).
+
+Generation and the update do not overlap in time, so the peak is
+parameters + reference + gradients + optimizer + max(activations + logits, kv_cache).
+
+P is `data.max_prompt_length` when set, else 16 tokens for the built-in arithmetic task (its prompts
+are under 12 tokens), else 256 tokens; `MemoryPlan.prompt_length_source` says which.
+
+The device's memory: `device_bytes` when given; else the environment variable
+`GROUPWISE_DEVICE_MEMORY_BYTES` (an integer number of bytes: for tests and for planning another
+machine); else the CUDA device's total memory when the run uses CUDA; else the machine's available
+RAM (psutil, or `os.sysconf`). Parameters, gradients, optimizer states and the reference are divided
+by `world_size` (sharded training; FSDP is not implemented yet, so the default is 1).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from groupwise.config import Config
+from groupwise.model.loading import ModelLoadError, resolve_device, resolve_model_path
+from groupwise.rollout.scheduling import concurrent_sequences, kv_bytes_per_token, text_config
+
+DEVICE_MEMORY_ENV = "GROUPWISE_DEVICE_MEMORY_BYTES"
+BUILTIN_PROMPT_TOKENS = 16
+DEFAULT_PROMPT_TOKENS = 256
+LOGPROB_CHUNK_ROWS = 512           # `completion_logprobs`' default chunk_rows
+LOGIT_BUFFERS = 4                  # float32 [chunk, vocab] tensors alive in ChunkedHeadLogprob.backward
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TERMS = ("parameters", "reference", "gradients", "optimizer", "activations", "logits", "kv_cache")
+
+
+@dataclass
+class MemoryPlan:
+    """Expected bytes per device of each term, and whether their peak fits the device."""
+
+    parameters: int
+    reference: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    kv_cache: int
+    device_bytes: int
+    device_source: str
+    num_parameters: int
+    trainable_parameters: int
+    rows_per_micro_batch: int
+    tokens_per_sequence: int
+    prompt_length: int
+    prompt_length_source: str
+    concurrent_sequences: int
+    world_size: int = 1
+    knobs: dict[str, Any] = field(default_factory=dict)   # current values quoted by advice()
+
+    def terms(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in TERMS}
+
+    @property
+    def total(self) -> int:
+        """Peak: persistent state plus the larger of the update phase and the generation phase."""
+        persistent = self.parameters + self.reference + self.gradients + self.optimizer
+        return persistent + max(self.activations + self.logits, self.kv_cache)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device_bytes
+
+    def largest_term(self) -> str:
+        return max(TERMS, key=lambda k: getattr(self, k))
+
+    def advice(self) -> str:
+        """One sentence: the shortfall, the largest term, and the config keys that shrink it."""
+        k = self.knobs
+        key = self.largest_term()
+        if key == "parameters":
+            fix = ("set model.dtype: bfloat16 (now float32) or use a smaller model (model.path)" if k["dtype"] == "float32"
+                   else "use a smaller model (model.path)")
+        elif key == "reference":
+            fix = "set algorithm.kl.coef: 0 or use LoRA (model.lora.enabled), whose reference needs no second copy of the weights"
+        elif key in ("gradients", "optimizer"):
+            fix = (f"lower model.lora.r (now {k['lora_r']})" if k["lora"]
+                   else "use LoRA (model.lora.enabled: true) to train an adapter instead of every weight")
+        elif key in ("activations", "logits"):
+            mb = k["micro_batch_size"]
+            if mb is None or mb > 1:
+                fix = f"lower optimizer.micro_batch_size (now {mb if mb is not None else f'unset, the whole mini-batch of {self.rows_per_micro_batch}'})"
+                fix += "" if k["gradient_checkpointing"] else " or enable model.gradient_checkpointing"
+            else:
+                fix = ("enable model.gradient_checkpointing or lower rollout.max_new_tokens" if not k["gradient_checkpointing"]
+                       else f"lower rollout.max_new_tokens (now {k['max_new_tokens']}) or data.max_prompt_length")
+        else:
+            fix = (f"set rollout.max_concurrent_sequences or rollout.kv_cache_budget_mb "
+                   f"(now {self.concurrent_sequences} sequences decoded at once)")
+        return (f"the run needs about {_fmt(self.total)} per device but {_fmt(self.device_bytes)} is available "
+                f"({self.device_source}); the largest term is {key} ({_fmt(getattr(self, key))}): {fix}")
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def prompt_length_estimate(cfg: Config) -> tuple[int, str]:
+    if cfg.data.max_prompt_length is not None:
+        return cfg.data.max_prompt_length, "data.max_prompt_length"
+    if cfg.data.train == "builtin:arithmetic":
+        return BUILTIN_PROMPT_TOKENS, "built-in arithmetic task"
+    return DEFAULT_PROMPT_TOKENS, f"default {DEFAULT_PROMPT_TOKENS} tokens (set data.max_prompt_length)"
+
+
+def meta_model(cfg: Config) -> torch.nn.Module:
+    """The configured causal LM built on the `meta` device: every shape, no storage, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.model.path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        raise ModelLoadError(f"cannot read the model architecture in '{path}' to plan memory: {e}") from e
+
+
+def lora_parameter_count(model: torch.nn.Module, target_modules: list[str] | str, r: int) -> int:
+    """r · (in + out) per targeted linear, matched as peft does: a module whose name equals a target
+    or ends with '.target'; 'all-linear' means every Linear (or GPT-2 Conv1D) but the output head."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        Conv1D = ()  # type: ignore[assignment]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            fan_in, fan_out = module.in_features, module.out_features
+        elif Conv1D and isinstance(module, Conv1D):
+            fan_in, fan_out = module.weight.shape
+        else:
+            continue
+        if target_modules == "all-linear":
+            chosen = module is not head
+        else:
+            chosen = any(name == t or name.endswith("." + t) for t in target_modules)
+        if chosen:
+            total += r * (fan_in + fan_out)
+    return total
+
+
+def _device_bytes(cfg: Config, device_bytes: int | None) -> tuple[int, str]:
+    if device_bytes is not None:
+        return int(device_bytes), "given"
+    env = os.environ.get(DEVICE_MEMORY_ENV)
+    if env:
+        try:
+            return int(float(env)), DEVICE_MEMORY_ENV
+        except ValueError:
+            raise ModelLoadError(f"{DEVICE_MEMORY_ENV} must be a number of bytes, got {env!r}") from None
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return int(torch.cuda.get_device_properties(index).total_memory), f"cuda:{index} total memory"
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "available RAM"
+    except ImportError:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "available RAM"
+
+
+def plan_memory(cfg: Config, *, device_bytes: int | None = None, world_size: int = 1) -> MemoryPlan:
+    """Expected per-device memory of `cfg` (see the module docstring for what each term assumes)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    model = meta_model(cfg)
+    text = text_config(model.config)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    b = _DTYPE_BYTES[cfg.model.dtype]
+    hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+
+    n_params = sum(p.numel() for p in model.parameters())
+    lora = cfg.model.lora
+    if lora.enabled:
+        trainable, train_b = lora_parameter_count(model, lora.target_modules, lora.r), 4
+    else:
+        trainable, train_b = n_params, b
+
+    parameters = n_params * b + (trainable * train_b if lora.enabled else 0)
+    reference = n_params * b if cfg.algorithm.kl.coef > 0 and not lora.enabled else 0
+    gradients = trainable * train_b
+    optimizer = 2 * trainable * train_b
+
+    # Update phase: one micro-batch.
+    roll = cfg.rollout
+    completions = cfg.completions_per_step + roll.prompts_per_step * cfg.guidance.replay.per_group
+    mini = max(1, completions // cfg.algorithm.mini_batches)
+    rows = min(cfg.optimizer.micro_batch_size or mini, mini)
+    prompt_len, prompt_source = prompt_length_estimate(cfg)
+    seq_len = prompt_len + roll.max_new_tokens
+    if cfg.model.shared_prefix:
+        tokens = math.ceil(rows / roll.num_generations) * prompt_len + rows * roll.max_new_tokens
+    else:
+        tokens = rows * seq_len
+    per_layer = 4 * hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim + 4 * intermediate
+    kept = layers * hidden + per_layer if cfg.model.gradient_checkpointing else layers * per_layer
+    activations = tokens * (kept + 2 * hidden) * b
+    completion_tokens = rows * roll.max_new_tokens
+    logits = completion_tokens * hidden * b + LOGIT_BUFFERS * min(LOGPROB_CHUNK_ROWS, completion_tokens) * vocab * 4
+    if not lora.enabled:
+        logits += vocab * hidden * 4
+
+    # Generation phase: the KV cache of the sequences decoded at once.
+    per_token = kv_bytes_per_token(model.config, dtype)
+    slots = concurrent_sequences(completions, roll.max_concurrent_sequences, roll.kv_cache_budget_mb, per_token * seq_len)
+    kv_cache = slots * seq_len * per_token
+
+    dev_bytes, dev_source = _device_bytes(cfg, device_bytes)
+    shard = lambda n: -(-n // world_size)  # noqa: E731 - ceil division
+    return MemoryPlan(
+        parameters=shard(parameters), reference=shard(reference), gradients=shard(gradients), optimizer=shard(optimizer),
+        activations=activations, logits=logits, kv_cache=kv_cache, device_bytes=dev_bytes, device_source=dev_source,
+        num_parameters=n_params, trainable_parameters=trainable, rows_per_micro_batch=rows, tokens_per_sequence=seq_len,
+        prompt_length=prompt_len, prompt_length_source=prompt_source, concurrent_sequences=slots, world_size=world_size,
+        knobs={"dtype": cfg.model.dtype, "lora": lora.enabled, "lora_r": lora.r, "micro_batch_size": cfg.optimizer.micro_batch_size,
+               "gradient_checkpointing": cfg.model.gradient_checkpointing, "max_new_tokens": roll.max_new_tokens},
+    )
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """A small aligned table of the terms, the peak and the device, in MiB / GiB."""
+    notes = {
+        "parameters": f"{plan.num_parameters:,} params",
+        "gradients": f"{plan.trainable_parameters:,} trainable",
+        "optimizer": "AdamW, 2 moments",
+        "activations": f"{plan.rows_per_micro_batch} rows x {plan.tokens_per_sequence} tokens",
+        "logits": "chunked head",
+        "kv_cache": f"{plan.concurrent_sequences} sequences x {plan.tokens_per_sequence} tokens",
+    }
+    width = max(len(k) for k in TERMS)
+    lines = [f"{'term':<{width}}  {'memory':>11}  note"]
+    for key, value in plan.terms().items():
+        lines.append(f"{key:<{width}}  {_fmt(value):>11}  {notes.get(key, '')}".rstrip())
+    lines.append(f"{'peak':<{width}}  {_fmt(plan.total):>11}  params+ref+grads+optimizer+max(activations+logits, kv_cache)")
+    lines.append(f"{'device':<{width}}  {_fmt(plan.device_bytes):>11}  {plan.device_source}"
+                 + (f", world_size {plan.world_size}" if plan.world_size > 1 else ""))
+    lines.append(f"prompt length {plan.prompt_length} tokens ({plan.prompt_length_source}); "
+                 + ("fits" if plan.fits else "does NOT fit"))
+    return "\n".join(lines)
