@@ -36,3 +36,8 @@ def test_every_registered_part_names_its_paper_and_formula():
             doc = fn.__doc__ or ""
             assert "arXiv" in doc or "Paper" in doc or "verl" in doc, f"{registry.kind} '{name}' names no paper"
             assert "=" in doc, f"{registry.kind} '{name}' writes no formula"
+
+
+def test_every_config_key_says_what_it_means():
+    blank = [line.split("`")[1] for line in config_markdown().splitlines() if line.startswith("| `") and line.rstrip().endswith("|  |")]
+    assert not blank, f"config keys without a description: {', '.join(blank)}"

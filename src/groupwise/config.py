@@ -24,19 +24,19 @@ class _Section(BaseModel):
 class LoraConfig(_Section):
     """LoRA adapters through peft; only the adapter is trained and saved."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="train LoRA adapters instead of all weights; the KL reference is then the base model (adapter off)")
     r: int = Field(16, ge=1, description="adapter rank")
     alpha: float = Field(32.0, gt=0, description="scaling numerator (lora_alpha)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="lora_dropout")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="module names to adapt, or all-linear (every linear layer but the output head)")
 
 
 class ModelConfig(_Section):
     path: str = Field("builtin", description="'builtin' (the tiny arithmetic model shipped in the package) or a local Hugging Face model directory")
     tokenizer_path: str | None = Field(None, description="tokenizer directory; default: the model directory")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["sdpa", "eager"] | None = None
-    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype; float32 on CPU (bf16 matmuls are far slower there), bfloat16 on GPU")
+    attn_implementation: Literal["sdpa", "eager"] | None = Field(None, description="transformers attention kernel; default: the model's own choice")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, about one more forward of compute")
     padding_free: bool = Field(False, description="log-probs and the update run on one packed row per micro-batch: no pad tokens (groupwise.model.packing)")
     shared_prefix: bool = Field(False, description="Prefix Grouper: each group's prompt is encoded once in the update and the old/reference log-probs (implies padding_free)")
     lora: LoraConfig = LoraConfig()
@@ -51,15 +51,15 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     train: str = Field("builtin:arithmetic", description="'builtin:arithmetic' or a path: .jsonl, .json, .parquet, or a datasets.save_to_disk directory")
     eval: str | None = Field(None, description="held-out prompts; default: the built-in held-out split when train is built in")
-    format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = "auto"
-    split: str | None = None
-    eval_split: str | None = None
-    prompt_column: str = "prompt"
+    format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = Field("auto", description="file format; auto: from the extension (a directory: datasets.save_to_disk)")
+    split: str | None = Field(None, description="split of a DatasetDict directory to train on; default: train")
+    eval_split: str | None = Field(None, description="split of data.eval (a DatasetDict directory) to evaluate on")
+    prompt_column: str = Field("prompt", description="column holding the prompt text or chat messages (after column_map)")
     column_map: dict[str, str] = Field(default_factory=dict, description="dataset column → our column, e.g. {question: prompt, solution: answer}")
-    chat_template: Literal["auto"] | bool = "auto"
-    system_prompt: str | None = None
+    chat_template: Literal["auto"] | bool = Field("auto", description="auto: apply the tokenizer's chat template when it has one; true: require it; false: plain text")
+    system_prompt: str | None = Field(None, description="a system message prepended to chat prompts")
     max_prompt_length: int | None = Field(None, ge=1, description="prompts longer than this (in tokens) are left-truncated, as TRL does")
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="the uniform sampler walks a fresh seeded permutation each epoch (false: dataset order)")
     sampler: str = Field("uniform", description="which prompts each round uses and how many completions each: uniform, variance_aware (MMR1), vade, knapsack, sec, prioritized, or 'module:factory' (see groupwise.data.samplers)")
     sampler_options: dict[str, Any] = Field(default_factory=dict, description="options of the selected sampler only")
     train_size: int = Field(20000, ge=1, description="built-in task only: number of generated training problems")
@@ -67,12 +67,12 @@ class DataConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf"] = Field("hf", description="generation backend (the transformers one; vLLM is planned)")
     num_generations: int = Field(8, ge=1, description="G: completions per prompt")
     prompts_per_step: int = Field(16, ge=1, description="prompts per generation round")
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1, description="most tokens generated per completion (TRL max_completion_length); longer ones are truncated")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature; the update's log-probs use the same temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass; 1.0 = off")
     top_k: int = Field(0, ge=0, description="0 = off")
     max_concurrent_sequences: int | None = Field(None, ge=1, description="most completions decoded at once (micro-groups; Infinite Sampling); default: all")
     kv_cache_budget_mb: float | None = Field(None, gt=0.0, description="also bound the completions decoded at once by their KV cache (each reserves its prompt + max_new_tokens)")
@@ -91,7 +91,7 @@ def _default_rewards() -> list[RewardFunctionConfig]:
 
 
 class RewardsConfig(_Section):
-    functions: list[RewardFunctionConfig] = Field(default_factory=_default_rewards, min_length=1)
+    functions: list[RewardFunctionConfig] = Field(default_factory=_default_rewards, min_length=1, description="reward functions, each {name, weight, kwargs}; the total is their weighted sum (NaN = not applicable)")
     on_error: Literal["raise", "zero"] = Field("raise", description="a reward that raises, times out, returns the wrong count or a non-finite value: raise names it and the sample; zero scores 0 and counts it in reward_errors")
     timeout_s: float | None = Field(300.0, gt=0.0, description="time limit of one reward function's call on one batch; null = none")
     aggregation: str = Field("sum_then_normalize", description="how K rewards become one: sum_then_normalize (weighted sum) or normalize_then_sum (GDPO: z-score each within its group, then sum; pair with algorithm.advantage: batch_std)")
@@ -111,16 +111,16 @@ class EntropyControlConfig(_Section):
     """Skywork-OR1 adaptive entropy: raise the bonus while entropy ≤ target, lower it otherwise."""
 
     target: float | None = Field(None, gt=0.0, description="null = fixed algorithm.entropy_coef")
-    delta: float = Field(0.005, gt=0.0)
-    coef_min: float = Field(0.0, ge=0.0)
-    coef_max: float = Field(1.0, ge=0.0)
+    delta: float = Field(0.005, gt=0.0, description="step by which the bonus moves per training step")
+    coef_min: float = Field(0.0, ge=0.0, description="lower bound of the adaptive bonus")
+    coef_max: float = Field(1.0, ge=0.0, description="upper bound of the adaptive bonus")
 
 
 class GFPOConfig(_Section):
     """GFPO: sample G, train on the k shortest (or most token-efficient) per group (arXiv 2508.09726)."""
 
     keep: int | None = Field(None, ge=1, description="k kept per group; null = off")
-    metric: Literal["length", "token_efficiency"] = "length"
+    metric: Literal["length", "token_efficiency"] = Field("length", description="length: keep the k shortest; token_efficiency: the k best reward per token")
 
 
 class D3SConfig(_Section):
@@ -133,7 +133,7 @@ class D3SConfig(_Section):
 class DynamicSamplingConfig(_Section):
     """DAPO dynamic sampling: train only on groups whose rewards differ (arXiv 2503.14476)."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="keep only groups whose rewards differ, generating further rounds to fill the batch")
     max_rounds: int = Field(4, ge=1, description="generation rounds per step at most (verl max_num_gen_batches); if still short, zero-variance groups fill the batch")
 
 
@@ -145,20 +145,20 @@ class AlgorithmConfig(_Section):
     ratio_level: str = Field("token", description="token, or sequence (GSPO)")
     loss: str = Field("ppo_clip", description="policy surrogate (see groupwise.algorithms.losses)")
     loss_options: dict[str, Any] = Field(default_factory=dict, description="options of the selected surrogate only, e.g. {delta: 4.0}")
-    eps_low: float = Field(0.2, gt=0.0, lt=1.0)
+    eps_low: float = Field(0.2, gt=0.0, lt=1.0, description="ε of the PPO clip, lower side (TRL epsilon); also the upper side unless eps_high is set")
     eps_high: float | None = Field(None, gt=0.0, description="default: eps_low; DAPO clip-higher uses 0.28")
     aggregation: str = Field("seq_mean_token_mean", description="seq_mean_token_mean, token_mean, seq_mean_token_sum, constant")
     kl: KLConfig = KLConfig()
-    entropy_coef: float = Field(0.0, ge=0.0)
+    entropy_coef: float = Field(0.0, ge=0.0, description="entropy bonus coefficient c_H (−c_H·H in the loss); 0 = off")
     entropy_control: EntropyControlConfig = EntropyControlConfig()
     top_entropy_quantile: float = Field(1.0, gt=0.0, le=1.0, description="ρ of the 80/20 rule: train only on the top-ρ highest-entropy tokens")
     gfpo: GFPOConfig = GFPOConfig()
     d3s: D3SConfig = D3SConfig()
     num_iterations: int = Field(1, ge=1, description="μ: passes over each generation round")
     mini_batches: int = Field(1, ge=1, description="optimizer steps per pass (verl ppo_mini_batch count)")
-    mask_truncated_completions: bool = False
+    mask_truncated_completions: bool = Field(False, description="leave completions that hit max_new_tokens out of the loss (DAPO's overlong filtering)")
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
-    shuffle_mini_batches: bool = True
+    shuffle_mini_batches: bool = Field(True, description="shuffle whole groups across mini-batches each pass")
 
     @property
     def resolved_eps_high(self) -> float:
@@ -208,15 +208,15 @@ class HintsConfig(_Section):
     column: str | None = Field(None, description="dataset column with a hint, a list of hints (abstract → concrete) or {knowledge, planning, solution}; null = off")
     patience: int = Field(1, ge=1, description="all-wrong groups in a row before the next hint level")
     warmup_steps: int = Field(50, ge=0, description="no hints before this step (Scaf-GRPO's guidance-exemption period)")
-    max_level: int | None = Field(None, ge=0)
+    max_level: int | None = Field(None, ge=0, description="use at most this many hint levels per prompt; null = all in the column")
     template: str = Field("\n\nHint: {hint}", description="appended to the prompt; {hint} and {tier}")
 
 
 class SelfExplanationConfig(_Section):
     """ExPO (arXiv 2507.02834): an explanation sampled with the answer in view, trained as a positive under the plain prompt."""
 
-    enabled: bool = False
-    answer_column: str = "answer"
+    enabled: bool = Field(False, description="sample a self-explanation for failed prompts and train it as a positive")
+    answer_column: str = Field("answer", description="column holding the ground-truth answer shown to the policy")
     coef: float = Field(0.04, gt=0.0, description="β of the added β·log π(explanation | plain prompt) term")
     template: str = Field("\n\nThe correct final answer is {answer}. Explain step by step how to reach this answer.",
                           description="appended to the prompt; {answer}")
@@ -243,11 +243,11 @@ class GuidanceConfig(_Section):
 
 
 class OptimizerConfig(_Section):
-    name: Literal["adamw"] = "adamw"
-    lr: float = Field(1e-6, gt=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    name: Literal["adamw"] = Field("adamw", description="optimizer (torch AdamW)")
+    lr: float = Field(1e-6, gt=0.0, description="peak learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (β1, β2)")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW ε")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="null = no clipping")
     micro_batch_size: int | None = Field(None, ge=1, description="completions per forward/backward (gradient accumulation); default: the whole mini-batch")
 
@@ -255,33 +255,33 @@ class OptimizerConfig(_Section):
 class ScheduleConfig(_Section):
     steps: int = Field(100, ge=1, description="training steps (generation rounds)")
     warmup_steps: int = Field(0, ge=0, description="in training steps")
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = Field("constant", description="learning-rate shape after warm-up")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine / linear decay floor as a fraction of optimizer.lr")
 
 
 class LoggingConfig(_Section):
-    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    progress: Literal["auto", "rich", "plain", "none"] = Field("auto", description="progress display: auto (rich on a terminal, plain otherwise), rich, plain, none")
     samples_every: int = Field(10, ge=0, description="write sample completions every N steps; 0 = never")
-    num_samples: int = Field(4, ge=1)
-    tensorboard: bool = False
+    num_samples: int = Field(4, ge=1, description="completions written each time samples are logged")
+    tensorboard: bool = Field(False, description="also write TensorBoard event files to RUN_DIR/tensorboard")
 
 
 class CheckpointConfig(_Section):
     every: int = Field(0, ge=0, description="save every N steps; 0 = only at the end")
     keep_last: int | None = Field(2, ge=1, description="null = keep all")
-    save_final: bool = True
+    save_final: bool = Field(True, description="save a checkpoint after the last step")
 
 
 class EvalConfig(_Section):
     before_and_after: bool = Field(True, description="held-out greedy accuracy before and after training")
     every: int = Field(0, ge=0, description="also every N steps; 0 = never")
     k: int = Field(8, ge=1, description="samples per prompt for pass@k / mean@k in `groupwise eval`")
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature for pass@k / mean@k (greedy accuracy ignores it)")
     max_new_tokens: int | None = Field(None, ge=1, description="default: rollout.max_new_tokens")
 
 
 class Config(_Section):
-    seed: int = 0
+    seed: int = Field(0, description="seeds Python, NumPy and torch; every step's sampling and shuffling derive from it, so a resumed run repeats exactly")
     run_dir: str | None = Field(None, description="default: runs/<date-time>")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's")
