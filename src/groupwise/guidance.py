@@ -171,6 +171,17 @@ class Guidance:
             if self.correct is not None and entry[4]:
                 self.correct.add(*entry)
 
+    def estimator_inputs(self, scored: torch.Tensor, group_id: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the advantage estimator reads once extra rows are in: ExPO explanations are no group
+        member (NaN: left out of the statistics, A = 0); under RePO's `split` mode replayed rows form a
+        group of their own beside the fresh rows of the same prompt."""
+        if not self.active:
+            return scored, group_id
+        scored = torch.where(source == ROW_EXPLANATION, torch.full_like(scored, float("nan")), scored)
+        if self.cfg.replay.advantage == "split":
+            group_id = group_id * 2 + (source == ROW_REPLAY).long()
+        return scored, group_id
+
     # ------------------------------------------------------------------ metrics and checkpoints
 
     def metrics(self) -> dict[str, float]:

@@ -288,3 +288,12 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"prompt length {plan.prompt_length} tokens ({plan.prompt_length_source}); "
                  + ("fits" if plan.fits else "does NOT fit"))
     return "\n".join(lines)
+
+
+def check_memory_fits(cfg: Any) -> None:
+    """Raise ConfigError, naming what to change, when the config's expected peak exceeds the device."""
+    from groupwise.config import ConfigError
+
+    plan = plan_memory(cfg)
+    if not plan.fits:
+        raise ConfigError(f"{plan.advice()} (or set model.check_memory: false to skip this check)")

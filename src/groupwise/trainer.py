@@ -38,6 +38,7 @@ from groupwise.data.sources import load_eval_prompts, load_train_prompts
 from groupwise.errors import RunDirError
 from groupwise.guidance import GeneratedRound, Guidance
 from groupwise.evaluation import accuracy_index, correct_mask, evaluate, score_rollout
+from groupwise.memory_plan import check_memory_fits
 from groupwise.metrics import MetricsLogger, Progress, sample_records, step_metrics, truncate_jsonl_after_step
 from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, resolve_model_path, trainable_parameters
 from groupwise.model.logprobs import completion_logprobs
@@ -45,7 +46,7 @@ from groupwise.model.packing import unsupported_reason_for_path
 from groupwise.optim import build_optimizer, build_scheduler
 from groupwise.rewards import RewardRunner
 from groupwise.rollout import SamplingParams, rollout_engine
-from groupwise.types import ROW_EXPLANATION, ROW_ON_POLICY, ROW_REPLAY, ROW_REUSED, Prompt, RolloutBatch, ScoredGroups, TrainBatch
+from groupwise.types import ROW_ON_POLICY, ROW_REPLAY, ROW_REUSED, Prompt, RolloutBatch, ScoredGroups, TrainBatch
 
 logger = logging.getLogger("groupwise.trainer")
 
@@ -103,7 +104,7 @@ class Trainer:
             field = "model.shared_prefix" if cfg.model.shared_prefix else "model.padding_free"
             raise ConfigError(f"{field}: {why}; set {field}: false")
         if cfg.model.check_memory:
-            self._check_memory()
+            check_memory_fits(cfg)   # before any weight is loaded
         self.model = load_policy(cfg.model, self.device)
         self.model.train()
         self.ref_model = None
@@ -154,14 +155,6 @@ class Trainer:
                 truncate_jsonl_after_step(self.run_dir / name, self.step)
         ckpt.atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard)
-
-    def _check_memory(self) -> None:
-        """Refuse, before any weight is loaded, a config whose expected peak memory exceeds the device."""
-        from groupwise.memory_plan import plan_memory
-
-        plan = plan_memory(self.config)
-        if not plan.fits:
-            raise ConfigError(f"{plan.advice()} (or set model.check_memory: false to skip this check)")
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -244,12 +237,7 @@ class Trainer:
             scored = kl_in_reward(scored, batch.old_logprobs, batch.ref_logprobs, batch.completion_mask, self.kl_controller.coef, alg.kl.estimator)
         if row_keep is not None:
             scored = torch.where(row_keep, scored, torch.full_like(scored, float("nan")))
-        group_id = rollout.group_id
-        if self.guidance.active:
-            # ExPO explanations are no group member (NaN: left out of the statistics, A = 0)
-            scored = torch.where(source == ROW_EXPLANATION, torch.full_like(scored, float("nan")), scored)
-            if cfg.guidance.replay.advantage == "split":   # RePO: replayed rows normalized apart from the fresh ones
-                group_id = group_id * 2 + (source == ROW_REPLAY).long()
+        scored, group_id = self.guidance.estimator_inputs(scored, rollout.group_id, source)   # ExPO, RePO split
         ctx = AdvantageContext(
             lengths=lengths, state=self.advantage_state,
             # `prompt_index` (dataset row) lets estimators keep per-prompt statistics across steps
