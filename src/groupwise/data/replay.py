@@ -152,9 +152,17 @@ class ReplayBuffer:
         for j in range(k + 1):  # j lowest + (k − j) highest
             idx = order[:j] + (order[len(order) - (k - j):] if k - j else [])
             vals = rewards[idx]
-            key = (float(vals.var(unbiased=False)), float(vals.sum()))
-            if best_key is None or key > best_key:
-                best, best_key = idx, key
+            var, total = float(vals.var(unbiased=False)), float(vals.sum())
+            # Equal variances computed from different subsets differ in the last bits; compare
+            # them with a tolerance so the documented tie-break (larger sum) decides.
+            if best_key is None:
+                better = True
+            elif abs(var - best_key[0]) <= 1e-9 * max(1.0, abs(var)):
+                better = total > best_key[1]
+            else:
+                better = var > best_key[0]
+            if better:
+                best, best_key = idx, (var, total)
         return sorted(best)
 
     def latest_correct(self, prompt_index: int) -> ReplayEntry | None:
