@@ -38,7 +38,7 @@ def test_a_short_run_writes_everything(small_config):
     assert samples and {"prompt", "completion", "rewards", "finished"} <= set(samples[0])
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step_000002", "step_000003"], "periodic + final, no temporary directories left"
-    assert {"model", "optim.pt", "rng.pt", "trainer_state.json"} <= {p.name for p in (run / "checkpoints" / "step_000003").iterdir()}
+    assert {"model", "optimizer", "scheduler.pt", "rng.pt", "trainer_state.json"} <= {p.name for p in (run / "checkpoints" / "step_000003").iterdir()}
 
 
 def test_reward_rises_on_the_builtin_task(tmp_path):

@@ -63,3 +63,25 @@ def micro_batch_rows(group_id: torch.Tensor, micro: int, whole_groups: bool) -> 
             out.append(torch.arange(start, end))
             start = end
     return [r for r in out if r.numel()]
+
+
+def rank_rows(group_id: torch.Tensor, world_size: int) -> list[torch.Tensor]:
+    """Row positions 0…n−1 cut into `world_size` contiguous parts of whole groups, balanced by
+    rows: the group (run of equal ids) starting at row s goes to rank ⌊s·W / n⌋. A part may be
+    empty when there are fewer groups than ranks. Concatenated in rank order the parts give 0…n−1,
+    so gathering the ranks' results in rank order restores the batch's own order."""
+    n = int(group_id.numel())
+    if n == 0:
+        return [torch.zeros(0, dtype=torch.long) for _ in range(world_size)]
+    gid = group_id.long().cpu()
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(gid[1:] != gid[:-1], as_tuple=True)[0] + 1])
+    ends = torch.cat([starts[1:], torch.tensor([n])])
+    owner = (starts * world_size) // n
+    return [torch.cat([torch.arange(int(s), int(e)) for s, e in zip(starts[owner == r], ends[owner == r])])
+            if bool((owner == r).any()) else torch.zeros(0, dtype=torch.long) for r in range(world_size)]
+
+
+def rank_groups(group_sizes: list[int], world_size: int) -> list[list[int]]:
+    """Group indices per rank, contiguous and balanced by rows (the groups of `rank_rows`)."""
+    gid = torch.arange(len(group_sizes)).repeat_interleave(torch.tensor(group_sizes, dtype=torch.long))
+    return [sorted(set(gid[rows].tolist())) for rows in rank_rows(gid, world_size)]

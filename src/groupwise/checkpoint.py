@@ -1,23 +1,29 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint is a directory `RUN_DIR/checkpoints/step_000050/` holding the model (or LoRA
-adapter) as safetensors, the optimizer and scheduler states, RNG states and `trainer_state.json`
-(step, sampler position, …). It is written to `step_000050.tmp-<pid>` and renamed into place, so
-a crash at any moment leaves either the previous checkpoints or the complete new one — never a
-half-written one. Resume picks the newest complete `step_*` directory.
+adapter) as safetensors (whole, loadable by transformers), the optimizer state as a
+torch.distributed.checkpoint directory (`optimizer/`: one shard file per rank, keyed by parameter
+name, so it loads on any number of processes), the scheduler and RNG states and
+`trainer_state.json` (step, sampler position, …). It is written to `step_000050.tmp-<pid>` and
+renamed into place, so a crash at any moment leaves either the previous checkpoints or the
+complete new one — never a half-written one. Resume picks the newest complete `step_*` directory.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from groupwise.distributed import SINGLE, DistContext, barrier, broadcast_object
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -59,9 +65,61 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_model(model: torch.nn.Module, directory: Path) -> None:
+def _save_model(model: torch.nn.Module, directory: Path, ctx: DistContext) -> None:
     # peft models save only the adapter; plain transformers models save full weights.
-    model.save_pretrained(str(directory / "model"), safe_serialization=True)
+    if not ctx.enabled:
+        model.save_pretrained(str(directory / "model"), safe_serialization=True)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # Sharded (FSDP2) parameters are gathered whole onto rank 0's CPU, one tensor at a time.
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.is_main:
+        # Tied weights (lm_head = embeddings) come back as two entries; save them once, as transformers does.
+        own = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        full = {k: v for k, v in full.items() if k in own}
+        model.save_pretrained(str(directory / "model"), state_dict=full, safe_serialization=True)
+
+
+def _save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """The optimizer state with torch.distributed.checkpoint: every rank writes its own shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    with _single_process_quiet():
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory / "optimizer"))
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it 'assumes a single process' when no process group exists: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Read `optimizer/` into `optimizer`, resharding to this run's world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    # DCP loads into the tensors it is given, and AdamW creates its state on the first step: take
+    # one step with zero gradients and lr 0 (the loaded state and learning rates replace it all).
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not optimizer.state:
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        optimizer.step()
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(directory / "optimizer"))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def save_checkpoint(
@@ -75,21 +133,30 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     keep_last: int | None = None,
+    ctx: DistContext = SINGLE,
 ) -> Path:
     """Write a complete checkpoint atomically; prune old ones beyond `keep_last`.
 
     `tensors`: named groups of tensors too large for JSON (e.g. per-prompt statistics), each
-    written as `<name>.safetensors`; read back with `load_tensors`."""
+    written as `<name>.safetensors`; read back with `load_tensors`. Under torchrun every rank
+    calls this (the model gather and the optimizer shards are collective); rank 0 writes the rest."""
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _save_model(model, tmp)
+    tmp = root / f"{final.name}.tmp-{broadcast_object(os.getpid(), ctx)}"
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier(ctx)
+    _save_model(model, tmp, ctx)
+    _save_optimizer(model, optimizer, tmp)
+    barrier(ctx)
+    if not ctx.is_main:
+        barrier(ctx)   # rank 0 finishes and renames the directory
+        return final
     tokenizer.save_pretrained(str(tmp / "model"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
     if tensors:
@@ -106,6 +173,7 @@ def save_checkpoint(
     if keep_last is not None:
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+    barrier(ctx)
     return final
 
 
@@ -137,13 +205,15 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG in place; return the trainer state."""
-    load_model_weights(model, directory)
-    device = next(model.parameters()).device
-    optim = torch.load(directory / "optim.pt", map_location=device, weights_only=False)
-    optimizer.load_state_dict(optim["optimizer"])
-    scheduler.load_state_dict(optim["scheduler"])
+    """Restore optimizer, scheduler and RNG in place and return the trainer state. The model's
+    weights are loaded apart, with `load_model_weights`, before the model is sharded."""
+    _load_optimizer(model, optimizer, directory)
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False)["scheduler"])
     set_rng_state(torch.load(directory / "rng.pt", weights_only=False))
+    return read_trainer_state(directory)
+
+
+def read_trainer_state(directory: Path) -> dict[str, Any]:
     return json.loads((directory / "trainer_state.json").read_text())
 
 

@@ -49,8 +49,16 @@ def _cmd_train(args) -> int:
         config = load_config(args.config, args.overrides)
     start = time.perf_counter()
     trainer = Trainer(config, resume=bool(args.resume))
-    print(f"run directory: {trainer.run_dir}", flush=True)
-    result = trainer.train()
+    if trainer.dist.is_main:
+        print(f"run directory: {trainer.run_dir}", flush=True)
+    try:
+        result = trainer.train()
+    finally:
+        from groupwise.distributed import shutdown
+
+        shutdown(trainer.dist)
+    if not trainer.dist.is_main:   # under torchrun rank 0 reports
+        return 0
     wall = time.perf_counter() - start
     before, after = result.eval_before.get("greedy_accuracy"), result.eval_after.get("greedy_accuracy")
     if before is not None and after is not None:

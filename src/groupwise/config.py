@@ -66,8 +66,19 @@ class DataConfig(_Section):
     eval_size: int | None = Field(200, ge=1, description="at most this many held-out prompts are used")
 
 
+class VLLMConfig(_Section):
+    """rollout.backend: vllm — a vLLM engine in the trainer's own process (colocated), weights pushed after every update."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="GPU: fraction of device memory vLLM may take (weights + KV cache); the trainer needs the rest")
+    kv_cache_gb: float = Field(1.0, gt=0.0, description="CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    max_model_len: int | None = Field(None, ge=1, description="longest prompt + completion vLLM plans for; default: the longest prompt + rollout.max_new_tokens")
+    enforce_eager: bool = Field(True, description="no CUDA graphs / torch.compile: faster start, slower decode")
+    sleep_mode: bool = Field(True, description="GPU: free vLLM's weights and KV cache during the update, wake it before the next generation")
+
+
 class RolloutConfig(_Section):
-    backend: Literal["hf"] = Field("hf", description="generation backend (the transformers one; vLLM is planned)")
+    backend: Literal["hf", "vllm"] = Field("hf", description="generation backend: hf (our transformers decode loop) or vllm (pip install 'groupwise[vllm]'; colocated)")
+    vllm: VLLMConfig = VLLMConfig()
     num_generations: int = Field(8, ge=1, description="G: completions per prompt")
     prompts_per_step: int = Field(16, ge=1, description="prompts per generation round")
     max_new_tokens: int = Field(256, ge=1, description="most tokens generated per completion (TRL max_completion_length); longer ones are truncated")
@@ -137,6 +148,16 @@ class DynamicSamplingConfig(_Section):
     max_rounds: int = Field(4, ge=1, description="generation rounds per step at most (verl max_num_gen_batches); if still short, zero-variance groups fill the batch")
 
 
+class RolloutCorrectionConfig(_Section):
+    """Importance-sampling correction for the sampler–trainer mismatch (TIS / MIS / IcePop): the
+    per-token loss is multiplied by w = π_old(trainer) / π_sampler, truncated or masked."""
+
+    level: Literal["auto", "none", "token", "sequence"] = Field("auto", description="auto: sequence with the vllm backend, none with hf (its sampling log-probs are the trainer's own); token: per-token ratio; sequence: exp of the summed log-ratio")
+    mode: Literal["truncate", "mask"] = Field("mask", description="truncate: clamp w to [clip_min, clip_max] (TIS); mask: drop tokens / sequences with w outside it (MIS, IcePop)")
+    clip_max: float = Field(3.0, gt=0.0, description="C_max (TRL vllm_importance_sampling_clip_max)")
+    clip_min: float | None = Field(None, ge=0.0, description="C_min; null: 0 (one-sided)")
+
+
 class AlgorithmConfig(_Section):
     advantage: str = Field("grpo", description="advantage estimator (see groupwise.algorithms.advantages)")
     advantage_options: dict[str, Any] = Field(default_factory=dict, description="options of the selected estimator only")
@@ -159,6 +180,7 @@ class AlgorithmConfig(_Section):
     mask_truncated_completions: bool = Field(False, description="leave completions that hit max_new_tokens out of the loss (DAPO's overlong filtering)")
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
     shuffle_mini_batches: bool = Field(True, description="shuffle whole groups across mini-batches each pass")
+    rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig()
 
     @property
     def resolved_eps_high(self) -> float:
@@ -259,6 +281,14 @@ class ScheduleConfig(_Section):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine / linear decay floor as a fraction of optimizer.lr")
 
 
+class DistributedConfig(_Section):
+    """Used under torchrun (WORLD_SIZE > 1): each rank generates its share of the groups."""
+
+    strategy: Literal["fsdp2", "ddp"] = Field("fsdp2", description="fsdp2: parameters, gradients and optimizer state sharded (fully_shard per decoder layer); ddp: replicated, gradients all-reduced")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="process-group backend; auto: nccl on CUDA, gloo on CPU")
+    timeout_s: float = Field(1800.0, gt=0.0, description="collective timeout")
+
+
 class LoggingConfig(_Section):
     progress: Literal["auto", "rich", "plain", "none"] = Field("auto", description="progress display: auto (rich on a terminal, plain otherwise), rich, plain, none")
     samples_every: int = Field(10, ge=0, description="write sample completions every N steps; 0 = never")
@@ -294,6 +324,7 @@ class Config(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     logging: LoggingConfig = LoggingConfig()
+    distributed: DistributedConfig = DistributedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
 

@@ -290,10 +290,10 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-def check_memory_fits(cfg: Any) -> None:
+def check_memory_fits(cfg: Any, world_size: int = 1) -> None:
     """Raise ConfigError, naming what to change, when the config's expected peak exceeds the device."""
     from groupwise.config import ConfigError
 
-    plan = plan_memory(cfg)
+    plan = plan_memory(cfg, world_size=world_size)
     if not plan.fits:
         raise ConfigError(f"{plan.advice()} (or set model.check_memory: false to skip this check)")

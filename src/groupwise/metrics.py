@@ -84,6 +84,19 @@ class MetricsLogger:
             self.tb.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log to under torchrun: nothing."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _nanstd(x: torch.Tensor) -> float:
     x = x[~torch.isnan(x)]
     return float(x.std()) if x.numel() > 1 else 0.0

@@ -30,7 +30,8 @@ from groupwise.algorithms.filters import (
     d3s_sample_keep, d3s_token_mask, dynamic_sampling_keep, gfpo_keep, mask_truncated_completions, top_entropy_token_mask,
 )
 from groupwise.config import Config, ConfigError, build_config, default_run_dir, load_config
-from groupwise.batching import micro_batch_rows, mini_batch_rows, split_by_group
+from groupwise.batching import micro_batch_rows, mini_batch_rows, rank_groups, rank_rows, split_by_group
+from groupwise import distributed as dist
 from groupwise.data import render_prompt
 from groupwise.data.prompt_stats import PromptStats
 from groupwise.data.samplers import RoundOutcome, SamplerContext, build_sampler
@@ -39,14 +40,14 @@ from groupwise.errors import RunDirError
 from groupwise.guidance import GeneratedRound, Guidance
 from groupwise.evaluation import accuracy_index, correct_mask, evaluate, score_rollout
 from groupwise.memory_plan import check_memory_fits
-from groupwise.metrics import MetricsLogger, Progress, sample_records, step_metrics, truncate_jsonl_after_step
+from groupwise.metrics import MetricsLogger, NullLogger, Progress, sample_records, step_metrics, truncate_jsonl_after_step
 from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, resolve_model_path, trainable_parameters
 from groupwise.model.logprobs import completion_logprobs
 from groupwise.model.packing import unsupported_reason_for_path
 from groupwise.optim import build_optimizer, build_scheduler
 from groupwise.rewards import RewardRunner
 from groupwise.rollout import SamplingParams, rollout_engine
-from groupwise.types import ROW_ON_POLICY, ROW_REPLAY, ROW_REUSED, Prompt, RolloutBatch, ScoredGroups, TrainBatch
+from groupwise.types import ROW_ON_POLICY, ROW_REPLAY, ROW_REUSED, Prompt, RolloutBatch, ScoredGroups, TrainBatch, move_tensors
 
 logger = logging.getLogger("groupwise.trainer")
 
@@ -74,7 +75,9 @@ class Trainer:
         else:
             cfg = load_config(config)  # a YAML path, or None: the built-in default recipe
         self.config = cfg
-        self.run_dir = Path(cfg.run_dir or default_run_dir())
+        # Under torchrun: join the process group first (every rank needs the same run_dir).
+        self.dist, self.device = dist.init_distributed(cfg.distributed, resolve_device(cfg.device))
+        self.run_dir = Path(dist.broadcast_object(cfg.run_dir or default_run_dir(), self.dist))
         latest = ckpt.latest_checkpoint(self.run_dir) if resume else None
         if resume and latest is None:
             raise RunDirError(f"cannot resume: run directory '{self.run_dir}' holds no complete checkpoint")
@@ -86,7 +89,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
 
         # Everything that can fail on bad input is checked before the model is loaded.
         self.train_prompts = load_train_prompts(cfg.data, cfg.seed)
@@ -104,8 +106,11 @@ class Trainer:
             field = "model.shared_prefix" if cfg.model.shared_prefix else "model.padding_free"
             raise ConfigError(f"{field}: {why}; set {field}: false")
         if cfg.model.check_memory:
-            check_memory_fits(cfg)   # before any weight is loaded
+            check_memory_fits(cfg, world_size=self.dist.world_size)   # before any weight is loaded
         self.model = load_policy(cfg.model, self.device)
+        if latest is not None:
+            ckpt.load_model_weights(self.model, latest)   # whole weights, before they are sharded
+        dist.wrap_policy(self.model, self.dist, self.device)
         self.model.train()
         self.ref_model = None
         if cfg.algorithm.kl.coef > 0 and not cfg.model.lora.enabled:
@@ -135,9 +140,11 @@ class Trainer:
         self.sampler_draws = 0   # plans drawn so far: a sampler's step (dynamic sampling draws several per step)
         self.eval_before: dict[str, float] = {}
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier(self.dist)   # every rank has checked run_dir before rank 0 writes into it
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if latest is not None:
-            state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)   # optimizer resharded
             self.step = int(state["step"])
             self.sampler_draws = int(state.get("sampler_draws", self.step))
             self.sampler.load_state_dict({**state["sampler"], **(ckpt.load_tensors(latest, "sampler") or {})})
@@ -151,18 +158,23 @@ class Trainer:
                 self.entropy_controller.load_state_dict(state["entropy_controller"])
                 self.parts.entropy_coef = state["entropy_coef_applied"]
             self.parts.kl_coef = self.kl_controller.coef if cfg.algorithm.kl.placement == "loss" else 0.0
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                truncate_jsonl_after_step(self.run_dir / name, self.step)
-        ckpt.atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
-        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard)
+            if self.dist.is_main:
+                for name in ("metrics.jsonl", "samples.jsonl"):
+                    truncate_jsonl_after_step(self.run_dir / name, self.step)
+        if self.dist.is_main:
+            ckpt.atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+            self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard)
+        else:
+            self.logger = NullLogger()
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg = self.config
         if self.step == 0 and cfg.eval.before_and_after and self.eval_prompts:
             self.eval_before = self.evaluate()
-            print(f"held-out greedy accuracy before training: {self.eval_before['greedy_accuracy']:.1%} ({len(self.eval_prompts)} prompts)", flush=True)
-        progress = Progress(cfg.logging.progress, cfg.schedule.steps, start=self.step)
+            if self.dist.is_main:
+                print(f"held-out greedy accuracy before training: {self.eval_before['greedy_accuracy']:.1%} ({len(self.eval_prompts)} prompts)", flush=True)
+        progress = Progress(cfg.logging.progress if self.dist.is_main else "none", cfg.schedule.steps, start=self.step)
         metrics: dict[str, float] = {}
         kill_at = int(os.environ.get("GROUPWISE_FAULT_KILL_AT_STEP", "0"))  # fault injection for the resume test
         try:
@@ -185,7 +197,9 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.eval_before, eval_after, metrics)
 
     def evaluate(self, k: int = 0) -> dict[str, float]:
-        return evaluate(self.engine, self.tokenizer, self.eval_prompts, self.rewards, self.config, k=k, seed=self.config.seed)
+        # Every rank evaluates the whole held-out set (the parameters are gathered: a collective).
+        with dist.gathered_parameters(self.model, self.dist):
+            return evaluate(self.engine, self.tokenizer, self.eval_prompts, self.rewards, self.config, k=k, seed=self.config.seed)
 
     def save_checkpoint(self) -> Path:
         sampler_state = ckpt.split_tensors(self.sampler.state_dict())
@@ -197,7 +211,7 @@ class Trainer:
                 "entropy_coef_applied": self.parts.entropy_coef,
             },
             tensors={"prompt_stats": self.prompt_stats.state_dict(), "sampler": sampler_state["tensors"], "guidance": self.guidance.state_dict()},
-            keep_last=self.config.checkpoint.keep_last,
+            keep_last=self.config.checkpoint.keep_last, ctx=self.dist,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -367,13 +381,23 @@ class Trainer:
         cfg = self.config
         t0 = time.perf_counter()
         texts = prompt_texts if prompt_texts is not None else [self._render(p) for p in prompts]
-        rollout = self.engine.generate(prompts, texts, group_sizes, self.sampling, seed=seed)
-        t1 = time.perf_counter()
-        scores = score_rollout(self.rewards, rollout, trainer_state={"step": self.step})
+        # Under torchrun each rank generates and scores its contiguous share of whole groups.
+        mine = rank_groups(group_sizes, self.dist.world_size)[self.dist.rank]
+        row_offset = sum(group_sizes[: mine[0]]) if mine else 0
+        scored, t1 = None, t0
+        if mine:
+            with dist.gathered_parameters(self.model, self.dist):
+                rollout = self.engine.generate([prompts[g] for g in mine], [texts[g] for g in mine], [group_sizes[g] for g in mine],
+                                               self.sampling, seed=seed, row_offset=row_offset)
+                t1 = time.perf_counter()
+                scored = ScoredGroups(rollout, score_rollout(self.rewards, rollout, trainer_state={"step": self.step}))
+        if self.dist.enabled:   # every rank gets the whole round, in group order
+            parts = [move_tensors(p, self.device) for p in dist.all_gather_objects(move_tensors(scored, "cpu"), self.dist) if p is not None]
+            scored = ScoredGroups.concatenate(parts, self.engine.pad_id)
         if times is not None:
             times["generation"] += t1 - t0
             times["scoring"] += time.perf_counter() - t1
-        return GeneratedRound(ScoredGroups(rollout, scores), correct_mask(scores, self.accuracy_index, cfg.rewards.correct_threshold))
+        return GeneratedRound(scored, correct_mask(scored.scores, self.accuracy_index, cfg.rewards.correct_threshold))
 
     def _train_batch(self, rollout: RolloutBatch) -> TrainBatch:
         """The update's inputs; advantages are filled in once the estimator has run."""
@@ -402,27 +426,53 @@ class Trainer:
         needs_old = self.optimizer_steps_per_step > 1 or (kl.coef > 0 and kl.placement == "reward")
         if not needs_old and self.ref_model is None and not (self.config.algorithm.kl.coef > 0):
             return
-        micro = self.config.optimizer.micro_batch_size or batch.num_rows
+        mine = rank_rows(batch.group_id, self.dist.world_size)[self.dist.rank].to(batch.input_ids.device)   # this rank's share
+        micro = self.config.optimizer.micro_batch_size or max(int(mine.numel()), 1)
         temp = self.config.rollout.temperature
-        old, ref = [], []
-        for rows in torch.arange(batch.num_rows, device=batch.input_ids.device).split(micro):
-            mb = batch.select(rows)
-            args = (mb.input_ids, mb.attention_mask, mb.completion_mask)
-            kwargs = dict(temperature=temp, layout=self.layout, group_id=mb.group_id)
-            if needs_old:
-                old.append(completion_logprobs(self.model, *args, **kwargs)[0])
-            if self.ref_model is not None:
-                ref.append(completion_logprobs(self.ref_model, *args, **kwargs)[0])
-            elif self.config.algorithm.kl.coef > 0:  # LoRA: the reference is the base model, adapter off
-                with self.model.disable_adapter():
-                    ref.append(completion_logprobs(self.model, *args, **kwargs)[0])
-        batch.old_logprobs = torch.cat(old) if old else None
-        batch.ref_logprobs = torch.cat(ref) if ref else None
+        width = batch.completion_mask.shape[1]
+        old, ref = [batch.completion_mask.new_zeros(0, width)], [batch.completion_mask.new_zeros(0, width)]
+        with dist.gathered_parameters(self.model, self.dist):
+            for rows in mine.split(micro):
+                mb = batch.select(rows)
+                args = (mb.input_ids, mb.attention_mask, mb.completion_mask)
+                kwargs = dict(temperature=temp, layout=self.layout, group_id=mb.group_id)
+                if needs_old:
+                    old.append(completion_logprobs(self.model, *args, **kwargs)[0])
+                if self.ref_model is not None:
+                    ref.append(completion_logprobs(self.ref_model, *args, **kwargs)[0])
+                elif self.config.algorithm.kl.coef > 0:  # LoRA: the reference is the base model, adapter off
+                    with self.model.disable_adapter():
+                        ref.append(completion_logprobs(self.model, *args, **kwargs)[0])
+        kl_on = self.ref_model is not None or self.config.algorithm.kl.coef > 0
+        batch.old_logprobs = self._gather_rows(torch.cat(old)) if needs_old else None
+        batch.ref_logprobs = self._gather_rows(torch.cat(ref)) if kl_on else None
+
+    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """The ranks' row shares (`rank_rows` order) as the whole batch, on every rank."""
+        if not self.dist.enabled:
+            return local
+        return torch.cat([t.to(self.device) for t in dist.all_gather_objects(local.detach().cpu(), self.dist)])
+
+    def _rank_micro_batches(self, group_id: torch.Tensor, micro: int | None, whole_groups: bool) -> list[torch.Tensor | None]:
+        """This rank's micro-batches of a mini-batch (positions in it), padded with None to the
+        largest count any rank has, so every rank runs the same number of forward/backward passes."""
+        shares = rank_rows(group_id, self.dist.world_size)
+        per_rank = [[share[r] for r in micro_batch_rows(group_id[share.to(group_id.device)], micro or max(int(share.numel()), 1), whole_groups)]
+                    for share in shares]
+        mine = per_rank[self.dist.rank]
+        return mine + [None] * (max(len(p) for p in per_rank) - len(mine))
+
+    def _idle_pass(self, mini_batch: TrainBatch) -> None:
+        """A forward/backward on one row with zero weight: gradients unchanged, collectives matched."""
+        mb = mini_batch.select(torch.tensor([0], device=self.device))
+        logp, _ = completion_logprobs(self.model, mb.input_ids, mb.attention_mask, mb.completion_mask,
+                                      temperature=self.config.rollout.temperature, layout=self.layout, group_id=mb.group_id)
+        (logp.sum() * 0.0).backward()
 
     def _update(self, batch: TrainBatch) -> dict[str, float]:
         """μ passes × mini-batches optimizer steps, each accumulating micro-batch gradients."""
         cfg, alg = self.config, self.config.algorithm
-        micro = cfg.optimizer.micro_batch_size or batch.num_rows
+        micro = cfg.optimizer.micro_batch_size   # None: each rank's whole share in one pass
         params = trainable_parameters(self.model)
         shuffle = torch.Generator().manual_seed(_step_seed(cfg.seed, self.step, 2))
         sums: dict[str, float] = defaultdict(float)
@@ -432,10 +482,14 @@ class Trainer:
             generator = shuffle if alg.shuffle_mini_batches and alg.mini_batches > 1 else None   # whole groups are shuffled
             for mini_rows in mini_batch_rows(batch.group_id, alg.mini_batches, generator):
                 mini_batch = batch.select(mini_rows.to(self.device))
+                # Divisors of the whole mini-batch, whichever rank holds a row: Σ over ranks = one process.
                 counts = StepCounts.of(mini_batch.completion_mask, batch.max_completion_length)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for rows in micro_batch_rows(mini_batch.group_id, micro, whole_groups):
+                for rows in self._rank_micro_batches(mini_batch.group_id, micro, whole_groups):
+                    if rows is None:   # this rank has fewer micro-batches: a no-op pass keeps FSDP/DDP collectives matched
+                        self._idle_pass(mini_batch)
+                        continue
                     mb = mini_batch.select(rows.to(self.device))
                     logp, entropy = completion_logprobs(
                         self.model, mb.input_ids, mb.attention_mask, mb.completion_mask,
@@ -449,15 +503,21 @@ class Trainer:
                     sums["tokens_before_token_masks"] += float(mb.completion_mask.sum())
                     out = policy_objective(self.parts, logp, old, mb.advantages, mask, counts, ref_logp=mb.ref_logprobs, entropy=entropy,
                                            group_id=mb.group_id, source=mb.source)
-                    out.loss.backward()
+                    # FSDP2 / DDP average gradients over ranks; our loss is already a share of the global sum.
+                    (out.loss * self.dist.world_size).backward()
                     step_loss += float(out.loss.detach())
                     for k, v in out.sums.items():
                         sums[k] += v
+                dist.reduce_gradients(params, self.dist)   # DDP; FSDP2 has reduced in backward
                 max_norm = cfg.optimizer.max_grad_norm or float("inf")
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
                 self.optimizer.step()
                 self.scheduler.step()
                 losses.append(step_loss)
+        if self.dist.enabled:   # metric sums and losses over ranks
+            reduced = dist.all_reduce_sums({**sums, **{f"__loss{i}": v for i, v in enumerate(losses)}}, self.dist, self.device)
+            losses = [reduced.pop(f"__loss{i}") for i in range(len(losses))]
+            sums = defaultdict(float, reduced)
         tokens = max(sums["tokens"], 1.0)
         out = {
             "loss": float(np.mean(losses)),

@@ -6,6 +6,7 @@ Each arrow carries exactly one of these. Nothing here knows about losses or file
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,3 +219,19 @@ class TrainBatch:
             source=take(self.source),
             behaviour_logprobs=take(self.behaviour_logprobs),
         )
+
+
+def move_tensors(obj: Any, device: torch.device | str) -> Any:
+    """A copy of a dataclass (nested dataclasses too) with every tensor field on `device`; None stays None."""
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, torch.Tensor) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+                changes[f.name] = move_tensors(value, device)
+        return dataclasses.replace(obj, **changes) if changes else obj
+    return obj

@@ -111,6 +111,7 @@ class HFRolloutEngine:
         self.max_prompt_length = max_prompt_length
         self.lengths = LengthPredictor(default=0.0)
         self._use_slots: bool | None = None       # decided on first use (slot KV cache, else DynamicCache)
+        self._row_offset = 0                      # set by generate: this call's first row in the whole batch
         self.last_stats: dict[str, float] = {}
         self.pad_id = int(tokenizer.pad_token_id)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -137,8 +138,13 @@ class HFRolloutEngine:
         num_generations: int | list[int],
         params: SamplingParams,
         seed: int,
+        row_offset: int = 0,
     ) -> RolloutBatch:
+        """`row_offset`: the first row's index in the whole batch when this call generates one
+        rank's share of it; row i samples with the random numbers of row `row_offset + i`, so a
+        batch split over ranks gets exactly the completions one process would."""
         device = next(self.model.parameters()).device
+        self._row_offset = int(row_offset)
         sizes = group_sizes(num_generations, len(prompts))
         prompt_rows = self.tokenize_prompts(prompt_texts)
         rows = [r for r, g in zip(prompt_rows, sizes) for _ in range(g)]
@@ -202,7 +208,7 @@ class HFRolloutEngine:
             nxt = scaled.argmax(-1)
         else:
             probs = torch.softmax(filter_top_k_top_p(scaled, params.top_k, params.top_p), dim=-1)
-            nxt = sample_categorical(probs, sequence_uniforms(seed, seqs, steps))
+            nxt = sample_categorical(probs, sequence_uniforms(seed, seqs + self._row_offset, steps))
         return nxt, logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
 
     def _prefill_slots(self, prompts: list[list[int]], device: torch.device):
