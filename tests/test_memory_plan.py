@@ -25,7 +25,25 @@ def test_parameter_count_is_exact_and_optimizer_is_two_fp32_moments():
     assert plan_memory(load_config(None, ["algorithm.kl.coef=0.01"]), device_bytes=BIG).reference == n * 4
     half = plan_memory(load_config(None, ["model.dtype=bfloat16"]), device_bytes=BIG)
     assert half.parameters == n * 2
-    assert plan_memory(cfg, device_bytes=BIG, world_size=2).parameters == n * 2
+
+
+
+def test_world_size_shards_under_fsdp2_and_replicates_under_ddp():
+    cfg = load_config(None, ["algorithm.kl.coef=0.01"])
+    one = plan_memory(cfg, device_bytes=BIG)
+    n = one.num_parameters
+    fsdp = plan_memory(cfg, device_bytes=BIG, world_size=2)
+    assert fsdp.parameters == n * 2 and fsdp.gradients == n * 2 and fsdp.optimizer == n * 4   # halves of n·4, n·4, n·8
+    assert fsdp.reference == n * 4                          # the reference is not sharded
+    assert fsdp.gathered_parameters == n * 2                # generation holds the whole weights again
+    assert fsdp.rows_per_micro_batch == one.rows_per_micro_batch // 2   # each rank trains its share
+    assert fsdp.concurrent_sequences == one.concurrent_sequences // 2
+    assert fsdp.total == fsdp.parameters + fsdp.reference + fsdp.gradients + fsdp.optimizer + max(
+        fsdp.activations + fsdp.logits, fsdp.kv_cache + fsdp.gathered_parameters)
+    assert "gathered" in format_plan(fsdp) and "gathered" not in format_plan(one)
+    ddp = plan_memory(load_config(None, ["algorithm.kl.coef=0.01", "distributed.strategy=ddp"]), device_bytes=BIG, world_size=2)
+    assert ddp.parameters == one.parameters and ddp.optimizer == one.optimizer and ddp.gathered_parameters == 0
+    assert ddp.rows_per_micro_batch == fsdp.rows_per_micro_batch
 
 
 def test_kv_cache_term():
@@ -88,6 +106,11 @@ def test_cli_plan(capsys, monkeypatch):
     assert main(["plan", "--set", "optimizer.micro_batch_size=64"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "optimizer.micro_batch_size (now 64)" in err
+    monkeypatch.delenv(DEVICE_MEMORY_ENV)
+    assert main(["plan", "--nproc", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "world_size 2" in out and "gathered" in out
+    assert main(["plan", "--nproc", "0"]) == 2
 
 
 def test_trainer_refuses_before_loading(small_config, monkeypatch, tmp_path):

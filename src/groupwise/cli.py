@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("plan", help="expected per-device memory of a config; exit 2 when it cannot fit")
     m.add_argument("config", nargs="?", help="YAML config file (default: the built-in recipe)")
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    m.add_argument("--nproc", type=int, default=None, metavar="N", help="processes (torchrun --nproc_per_node × nodes); default: WORLD_SIZE or 1")
 
     e = sub.add_parser("eval", help="held-out greedy accuracy and pass@k / mean@k")
     e.add_argument("target", nargs="?", help="a run directory (its newest checkpoint) or a YAML config; default: the built-in model")
@@ -100,7 +101,12 @@ def _cmd_plan(args) -> int:
     from groupwise.config import load_config
     from groupwise.memory_plan import format_plan, plan_memory
 
-    plan = plan_memory(load_config(args.config, args.overrides))
+    from groupwise.distributed import launched_world_size
+
+    nproc = args.nproc if args.nproc is not None else launched_world_size()
+    if nproc < 1:
+        raise _UserError(f"--nproc must be at least 1, got {nproc}")
+    plan = plan_memory(load_config(args.config, args.overrides), world_size=nproc)
     print(format_plan(plan))
     if not plan.fits:
         raise _UserError(plan.advice())

@@ -43,8 +43,13 @@ are under 12 tokens), else 256 tokens; `MemoryPlan.prompt_length_source` says wh
 The device's memory: `device_bytes` when given; else the environment variable
 `GROUPWISE_DEVICE_MEMORY_BYTES` (an integer number of bytes: for tests and for planning another
 machine); else the CUDA device's total memory when the run uses CUDA; else the machine's available
-RAM (psutil, or `os.sysconf`). Parameters, gradients, optimizer states and the reference are divided
-by `world_size` (sharded training; FSDP is not implemented yet, so the default is 1).
+RAM (psutil, or `os.sysconf`).
+
+Several processes (torchrun, `world_size` > 1): each rank decodes and trains on its share of the
+rows (completions / world_size). Under `distributed.strategy: fsdp2` parameters, gradients and
+optimizer states are divided by `world_size`, and generation and the no-grad passes hold the
+parameters whole again (`gathered_parameters`), so the generation phase adds one full copy; under
+ddp every rank holds everything. The reference model is never sharded.
 """
 from __future__ import annotations
 
@@ -90,6 +95,7 @@ class MemoryPlan:
     prompt_length_source: str
     concurrent_sequences: int
     world_size: int = 1
+    gathered_parameters: int = 0   # FSDP2: the whole parameters, held during generation
     knobs: dict[str, Any] = field(default_factory=dict)   # current values quoted by advice()
 
     def terms(self) -> dict[str, int]:
@@ -99,7 +105,7 @@ class MemoryPlan:
     def total(self) -> int:
         """Peak: persistent state plus the larger of the update phase and the generation phase."""
         persistent = self.parameters + self.reference + self.gradients + self.optimizer
-        return persistent + max(self.activations + self.logits, self.kv_cache)
+        return persistent + max(self.activations + self.logits, self.kv_cache + self.gathered_parameters)
 
     @property
     def fits(self) -> bool:
@@ -235,6 +241,7 @@ def plan_memory(cfg: Config, *, device_bytes: int | None = None, world_size: int
     # Update phase: one micro-batch.
     roll = cfg.rollout
     completions = cfg.completions_per_step + roll.prompts_per_step * cfg.guidance.replay.per_group
+    completions = -(-completions // world_size)   # this rank's share
     mini = max(1, completions // cfg.algorithm.mini_batches)
     rows = min(cfg.optimizer.micro_batch_size or mini, mini)
     prompt_len, prompt_source = prompt_length_estimate(cfg)
@@ -257,9 +264,11 @@ def plan_memory(cfg: Config, *, device_bytes: int | None = None, world_size: int
     kv_cache = slots * seq_len * per_token
 
     dev_bytes, dev_source = _device_bytes(cfg, device_bytes)
-    shard = lambda n: -(-n // world_size)  # noqa: E731 - ceil division
+    fsdp = world_size > 1 and cfg.distributed.strategy == "fsdp2"
+    shard = (lambda n: -(-n // world_size)) if fsdp else (lambda n: n)  # noqa: E731 - ceil division
     return MemoryPlan(
-        parameters=shard(parameters), reference=shard(reference), gradients=shard(gradients), optimizer=shard(optimizer),
+        parameters=shard(parameters), reference=reference, gradients=shard(gradients), optimizer=shard(optimizer),
+        gathered_parameters=parameters - shard(parameters) if fsdp else 0,
         activations=activations, logits=logits, kv_cache=kv_cache, device_bytes=dev_bytes, device_source=dev_source,
         num_parameters=n_params, trainable_parameters=trainable, rows_per_micro_batch=rows, tokens_per_sequence=seq_len,
         prompt_length=prompt_len, prompt_length_source=prompt_source, concurrent_sequences=slots, world_size=world_size,
@@ -282,7 +291,10 @@ def format_plan(plan: MemoryPlan) -> str:
     lines = [f"{'term':<{width}}  {'memory':>11}  note"]
     for key, value in plan.terms().items():
         lines.append(f"{key:<{width}}  {_fmt(value):>11}  {notes.get(key, '')}".rstrip())
-    lines.append(f"{'peak':<{width}}  {_fmt(plan.total):>11}  params+ref+grads+optimizer+max(activations+logits, kv_cache)")
+    if plan.gathered_parameters:
+        lines.append(f"{'gathered':<{width}}  {_fmt(plan.gathered_parameters):>11}  FSDP2: the other ranks' parameter shards, during generation")
+    gen = "kv_cache + gathered" if plan.gathered_parameters else "kv_cache"
+    lines.append(f"{'peak':<{width}}  {_fmt(plan.total):>11}  params+ref+grads+optimizer+max(activations+logits, {gen})")
     lines.append(f"{'device':<{width}}  {_fmt(plan.device_bytes):>11}  {plan.device_source}"
                  + (f", world_size {plan.world_size}" if plan.world_size > 1 else ""))
     lines.append(f"prompt length {plan.prompt_length} tokens ({plan.prompt_length_source}); "

@@ -385,8 +385,8 @@ class Trainer:
         mine = rank_groups(group_sizes, self.dist.world_size)[self.dist.rank]
         row_offset = sum(group_sizes[: mine[0]]) if mine else 0
         scored, t1 = None, t0
-        if mine:
-            with dist.gathered_parameters(self.model, self.dist):
+        with dist.gathered_parameters(self.model, self.dist):   # collective: every rank enters, even one with no share
+            if mine:
                 rollout = self.engine.generate([prompts[g] for g in mine], [texts[g] for g in mine], [group_sizes[g] for g in mine],
                                                self.sampling, seed=seed, row_offset=row_offset)
                 t1 = time.perf_counter()
