@@ -54,7 +54,16 @@ _CASES = {
     "fsdp2-token_mean": ["algorithm.aggregation=token_mean", *HARD],
     "fsdp2-seq_mean_token_mean": ["algorithm.aggregation=seq_mean_token_mean"],
     "ddp-token_mean": ["algorithm.aggregation=token_mean", *HARD, "distributed.strategy=ddp"],
+    # one group, two ranks: rank 1 generates nothing and runs no-op passes to match rank 0's collectives
+    "fsdp2-one_group": ["rollout.prompts_per_step=1", "algorithm.num_iterations=2", "algorithm.kl.coef=0.04"],
+    "ddp-one_group": ["rollout.prompts_per_step=1", "algorithm.num_iterations=2", "algorithm.kl.coef=0.04", "distributed.strategy=ddp"],
 }
+# Measured: DDP equals one process exactly here (0.0). FSDP2 computes with the gathered copies of
+# the weights, whose gradients differ from one process's in the last bits (grad-norm relative
+# 3e-8); AdamW's first step divides a near-zero gradient by its own magnitude, so one k_proj weight
+# whose gradient is ~1e-8 moves lr·(±1) apart: 2.9e-5 after step 1, unchanged after. With one
+# group (8 rows) such weights exist; with 8 groups the largest difference is 6e-7 – 1.6e-6.
+_TOLERANCE = {"fsdp2-one_group": 1e-4}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +87,7 @@ def runs(tmp_path_factory):
 def test_two_processes_equal_one_process(runs, case):
     one, two = runs(case, 1), runs(case, 2)
     diff = _max_diff(_weights(one, 3), _weights(two, 3))
-    assert diff < TOLERANCE, f"{case}: parameters differ by {diff:.3g} after 3 steps"
+    assert diff < _TOLERANCE.get(case, TOLERANCE), f"{case}: parameters differ by {diff:.3g} after 3 steps"
     moved = _max_diff(_weights(one, 3), load_file(str(Path(__file__).parents[1] / "src/groupwise/assets/builtin/model.safetensors")))
     assert moved > 20 * TOLERANCE   # the runs trained (3 steps at the recipe lr 1e-4): not two untouched models
     m1, m2 = _metrics(one), _metrics(two)

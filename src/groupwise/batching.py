@@ -52,6 +52,8 @@ def micro_batch_rows(group_id: torch.Tensor, micro: int, whole_groups: bool) -> 
     """Row positions 0…n−1 cut into micro-batches of at most `micro` rows (whole groups: of whole
     groups, each micro-batch as full as possible without exceeding `micro` unless one group does)."""
     n = int(group_id.numel())
+    if n == 0:   # (split() of an empty tensor would give one empty micro-batch)
+        return []
     if not whole_groups:
         return list(torch.arange(n).split(max(micro, 1)))
     gid = group_id.long().cpu()

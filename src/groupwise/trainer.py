@@ -432,7 +432,7 @@ class Trainer:
         width = batch.completion_mask.shape[1]
         old, ref = [batch.completion_mask.new_zeros(0, width)], [batch.completion_mask.new_zeros(0, width)]
         with dist.gathered_parameters(self.model, self.dist):
-            for rows in mine.split(micro):
+            for rows in (mine.split(micro) if mine.numel() else []):   # split() of an empty tensor yields one empty part
                 mb = batch.select(rows)
                 args = (mb.input_ids, mb.attention_mask, mb.completion_mask)
                 kwargs = dict(temperature=temp, layout=self.layout, group_id=mb.group_id)
