@@ -26,6 +26,7 @@ from groupwise.algorithms.options import takes_group_id
 from groupwise.algorithms.advantages import AdvantageContext
 from groupwise.algorithms.controllers import AdaptiveEntropyController, AdaptiveKLController, FixedKLController, kl_in_reward
 from groupwise.algorithms.reward_aggregation import aggregate_rewards
+from groupwise.algorithms.rollout_correction import resolve_level, rollout_importance_weights
 from groupwise.algorithms.filters import (
     d3s_sample_keep, d3s_token_mask, dynamic_sampling_keep, gfpo_keep, mask_truncated_completions, top_entropy_token_mask,
 )
@@ -126,6 +127,7 @@ class Trainer:
         ), cfg.data.sampler_options)
         self.guidance = Guidance(cfg.guidance, self.train_prompts, self.prompt_stats, self.tokenizer, self.engine.pad_id, cfg.seed)
         self.parts = ObjectiveParts.from_config(cfg.algorithm).with_guidance(cfg.guidance)
+        self.correction_level = resolve_level(cfg.algorithm.rollout_correction.level, cfg.rollout.backend)   # TIS / MIS
         self.advantage_options = cfg.algorithm.advantage_kwargs()
         self.advantage_state: dict[str, Any] = {}   # estimators' running statistics (BNPO, DCPO, …)
         kl, ent = cfg.algorithm.kl, cfg.algorithm.entropy_control
@@ -198,6 +200,7 @@ class Trainer:
 
     def evaluate(self, k: int = 0) -> dict[str, float]:
         # Every rank evaluates the whole held-out set (the parameters are gathered: a collective).
+        self.engine.wake_up()
         with dist.gathered_parameters(self.model, self.dist):
             return evaluate(self.engine, self.tokenizer, self.eval_prompts, self.rewards, self.config, k=k, seed=self.config.seed)
 
@@ -244,6 +247,7 @@ class Trainer:
             row_keep = gfpo_keep(rewards, rollout.group_id, lengths, alg.gfpo.keep, alg.gfpo.metric)
         batch = self._train_batch(rollout)
         self._behaviour_and_reference_logprobs(batch)
+        correction_metrics = self._rollout_correction(batch, rollout, source)
         scored = rewards                          # what the advantage estimator reads
         if cfg.rewards.aggregation != "sum_then_normalize":
             scored = aggregate_rewards(cfg.rewards.aggregation, scores.values.to(self.device), scores.weights, rollout.group_id)
@@ -269,7 +273,10 @@ class Trainer:
         t2 = time.perf_counter()
 
         # 5. the update, then the adaptive coefficients
+        self.engine.sleep()   # vLLM on GPU frees its KV cache and weights for the update
         update = self._update(batch)
+        with dist.gathered_parameters(self.model, self.dist):
+            self.engine.sync_weights(self.model)   # vLLM: the new weights, in memory; hf: nothing
         t3 = time.perf_counter()
         update.update(self._update_coefficients(update, batch))
         if row_keep is not None:
@@ -283,6 +290,7 @@ class Trainer:
                                cfg.rewards.correct_threshold, times)
         metrics.update(update)
         metrics.update(collect_metrics)
+        metrics.update(correction_metrics)
         metrics["tokens_generated"] += metrics.get("guidance/generated_tokens", 0.0)   # ExPO's explanations are compute too
         metrics.update(ctx.metrics)
         metrics.update(self.prompt_stats.metrics())
@@ -385,6 +393,7 @@ class Trainer:
         mine = rank_groups(group_sizes, self.dist.world_size)[self.dist.rank]
         row_offset = sum(group_sizes[: mine[0]]) if mine else 0
         scored, t1 = None, t0
+        self.engine.wake_up()   # vLLM on GPU slept through the last update; otherwise a no-op
         with dist.gathered_parameters(self.model, self.dist):   # collective: every rank enters, even one with no share
             if mine:
                 rollout = self.engine.generate([prompts[g] for g in mine], [texts[g] for g in mine], [group_sizes[g] for g in mine],
@@ -423,7 +432,8 @@ class Trainer:
         """π_old is needed only when the policy moves before the last use of the batch (μ > 1 or
         several mini-batches); otherwise the detached current log-probs serve (ratio ≡ 1), as in TRL."""
         kl = self.config.algorithm.kl
-        needs_old = self.optimizer_steps_per_step > 1 or (kl.coef > 0 and kl.placement == "reward")
+        needs_old = (self.optimizer_steps_per_step > 1 or (kl.coef > 0 and kl.placement == "reward")
+                     or self.correction_level != "none")   # the IS correction compares π_old with the sampler
         if not needs_old and self.ref_model is None and not (self.config.algorithm.kl.coef > 0):
             return
         mine = rank_rows(batch.group_id, self.dist.world_size)[self.dist.rank].to(batch.input_ids.device)   # this rank's share
@@ -446,6 +456,20 @@ class Trainer:
         kl_on = self.ref_model is not None or self.config.algorithm.kl.coef > 0
         batch.old_logprobs = self._gather_rows(torch.cat(old)) if needs_old else None
         batch.ref_logprobs = self._gather_rows(torch.cat(ref)) if kl_on else None
+
+    def _rollout_correction(self, batch: TrainBatch, rollout: RolloutBatch, source: torch.Tensor) -> dict[str, float]:
+        """Importance weights π_old(trainer) / π_sampler for the sampler–trainer mismatch (vLLM's
+        kernels are not the trainer's), into `batch.is_weights`; rows the sampler did not generate
+        this step (replayed, teacher, …) get weight 1."""
+        if self.correction_level == "none":
+            return {}
+        c = self.config.algorithm.rollout_correction
+        on_policy = (source == ROW_ON_POLICY).to(batch.completion_mask.device)
+        mask = batch.completion_mask * on_policy.unsqueeze(-1).to(batch.completion_mask.dtype)
+        weights, metrics = rollout_importance_weights(batch.old_logprobs, rollout.sampling_logprobs.to(mask.device), mask,
+                                                      self.correction_level, c.mode, c.clip_max, c.clip_min)
+        batch.is_weights = torch.where(on_policy.unsqueeze(-1), weights, torch.ones_like(weights))
+        return metrics
 
     def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
         """The ranks' row shares (`rank_rows` order) as the whole batch, on every rank."""
@@ -502,7 +526,7 @@ class Trainer:
                     mask = self._token_mask(mb, entropy)
                     sums["tokens_before_token_masks"] += float(mb.completion_mask.sum())
                     out = policy_objective(self.parts, logp, old, mb.advantages, mask, counts, ref_logp=mb.ref_logprobs, entropy=entropy,
-                                           group_id=mb.group_id, source=mb.source)
+                                           group_id=mb.group_id, source=mb.source, is_weights=mb.is_weights)
                     # FSDP2 / DDP average gradients over ranks; our loss is already a share of the global sum.
                     (out.loss * self.dist.world_size).backward()
                     step_loss += float(out.loss.detach())

@@ -195,6 +195,7 @@ class TrainBatch:
     group_id: torch.Tensor | None = None  # [N] for group-aware surrogates (DisCO); groups contiguous
     source: torch.Tensor | None = None    # [N] ROW_* kind of each row; None = all on-policy
     behaviour_logprobs: torch.Tensor | None = None   # [N, Tc] stored sampling log-probs (replayed rows' π_old)
+    is_weights: torch.Tensor | None = None           # [N, Tc] π_old(trainer) / π_sampler correction (vLLM), detached
 
     @property
     def num_rows(self) -> int:
@@ -218,6 +219,7 @@ class TrainBatch:
             group_id=take(self.group_id),
             source=take(self.source),
             behaviour_logprobs=take(self.behaviour_logprobs),
+            is_weights=take(self.is_weights),
         )
 
 

@@ -75,6 +75,7 @@ def policy_objective(
     entropy: torch.Tensor | None = None,
     group_id: torch.Tensor | None = None,
     source: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """One micro-batch's share of the optimizer step's loss.
 
@@ -86,6 +87,10 @@ def policy_objective(
     AMPO) takes the shaped, unclipped −f(π_θ)·A with f(p) = p/(p+γ), its behaviour probability being
     unknown; a self-explanation row (ExPO) takes −β·log π_θ (a positive sample under the plain
     prompt, no advantage). Replayed rows need nothing here: their `old_logp` is the stored one.
+
+    `is_weights` ([N, T], detached): the sampler–trainer importance weights of
+    `algorithms.rollout_correction` (TIS / MIS); they multiply the surrogate's per-token loss before
+    the KL and entropy terms are added, as TRL's `vllm_importance_sampling_correction` does.
     """
     adv = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == 1 else advantages
     adv = adv.to(logp.dtype)
@@ -102,6 +107,8 @@ def policy_objective(
         explanation = (source == ROW_EXPLANATION).unsqueeze(-1)
         if bool(explanation.any()):
             per_token = torch.where(explanation, -parts.explanation_coef * logp, per_token)
+    if is_weights is not None:
+        per_token = per_token * is_weights.to(per_token.dtype)
     surrogate_loss = per_token
     kl = None
     if parts.kl_estimator is not None:

@@ -24,9 +24,22 @@ class RolloutEngine(Protocol):
         num_generations: int | list[int],
         params: SamplingParams,
         seed: int,
+        row_offset: int = 0,
     ) -> RolloutBatch:
         """G completions per prompt (or `num_generations[i]` for prompt i), groups contiguous; the same
-        seed gives the same completions."""
+        seed gives the same completions. Row i samples as row `row_offset + i` of a larger batch
+        would (a rank generating its share gets what one process would)."""
+        ...
+
+    def sync_weights(self, model) -> None:
+        """Make the engine generate with `model`'s current weights (called after every update)."""
+        ...
+
+    def sleep(self) -> None:
+        """Free generation memory during the update (vLLM on GPU); `wake_up` before generating."""
+        ...
+
+    def wake_up(self) -> None:
         ...
 
 

@@ -118,6 +118,16 @@ class HFRolloutEngine:
         if not self.eos_ids:
             raise ValueError("the tokenizer and the model's generation_config define no eos token: completions could never finish")
 
+    # The engine decodes with the trainer's own module: nothing to push, nothing to free.
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """No-op: generation uses the trained module itself."""
+
+    def sleep(self) -> None:
+        """No-op (the vLLM engine frees its memory during the update)."""
+
+    def wake_up(self) -> None:
+        """No-op."""
+
     def tokenize_prompts(self, prompt_texts: list[str]) -> list[list[int]]:
         ids = self.tokenizer(prompt_texts, add_special_tokens=True)["input_ids"]
         if self.max_prompt_length is not None:
