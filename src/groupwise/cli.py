@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--k", type=int, default=None, help="samples per prompt for pass@k / mean@k (default: eval.k)")
     e.add_argument("--json", dest="json_out", metavar="FILE", help="also write the results to FILE")
+
+    r = sub.add_parser("report", help="plot runs' metrics, overlaid: report.png and a self-contained report.html")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each with a metrics.jsonl)")
+    r.add_argument("--out", metavar="DIR", help="where report.png and report.html go (default: the run directory for one run, the current directory for several)")
     return p
 
 
@@ -113,6 +117,17 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from groupwise.report import ReportError, write_report
+
+    try:
+        png, page = write_report(args.run_dirs, args.out)
+    except ReportError as e:
+        raise _UserError(str(e)) from None
+    print(f"wrote {png} and {page}")
+    return 0
+
+
 class _UserError(ValueError):
     pass
 
@@ -122,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": _cmd_train, "compare": _cmd_compare, "eval": _cmd_eval, "plan": _cmd_plan}
+        commands = {"train": _cmd_train, "compare": _cmd_compare, "eval": _cmd_eval, "plan": _cmd_plan, "report": _cmd_report}
         return commands[args.command](args)
     except (_UserError, *USER_ERRORS) as e:
         print(f"groupwise: error: {e}", file=sys.stderr)

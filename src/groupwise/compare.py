@@ -5,6 +5,7 @@ sampler (`data.sampler`, `data.sampler_options`); everything else (model,
 data, rewards, optimizer, schedule) comes from one base config (default: the built-in default), so
 the comparison isolates the algorithm. A spec may carry its own overrides after a colon:
 `grpo:rollout.num_generations=2` or `dapo:algorithm.eps_high=0.3,optimizer.lr=2e-4`.
+Into the output directory go `compare.json` and the runs' overlaid report (`report.png`, `report.html`).
 """
 from __future__ import annotations
 
@@ -79,6 +80,10 @@ def compare(specs: list[str], *, steps: int, base: str | None = None, out_dir: s
         })
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    from groupwise.report import write_report
+
+    png, page = write_report([r["run_dir"] for r in rows], out, names=[r["recipe"] for r in rows])
+    print(f"report: {page} (figure: {png})")
     return rows
 
 
