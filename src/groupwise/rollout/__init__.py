@@ -1,11 +1,24 @@
-"""Rollout engines behind one protocol (transformers today; vLLM later)."""
+"""Rollout engines behind one protocol: transformers (`hf`, default) and vLLM (`vllm`, optional)."""
 from groupwise.rollout.base import RolloutEngine, SamplingParams
 from groupwise.rollout.hf import HFRolloutEngine
 
 
-def rollout_engine(model, tokenizer, config) -> HFRolloutEngine:
-    """The engine a config asks for (`rollout.*`), generating with `model`."""
+def rollout_engine(model, tokenizer, config):
+    """The engine a config asks for (`rollout.*`), generating with `model` (hf) or with an
+    in-process vLLM engine that is kept in sync with `model` (vllm)."""
     roll = config.rollout
+    if roll.backend == "vllm":
+        from groupwise.rollout.vllm import VLLMRolloutEngine   # imports vLLM itself (a clear error if missing)
+
+        return VLLMRolloutEngine(
+            model,
+            tokenizer,
+            model_path=config.model.path,
+            vllm_config=roll.vllm,
+            max_new_tokens=max(roll.max_new_tokens, config.eval.max_new_tokens or 0),   # eval may generate longer
+            max_prompt_length=config.data.max_prompt_length,
+            seed=config.seed,
+        )
     return HFRolloutEngine(
         model,
         tokenizer,
