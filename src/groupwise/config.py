@@ -27,7 +27,7 @@ class LoraConfig(_Section):
     enabled: bool = Field(False, description="train LoRA adapters instead of all weights; the KL reference is then the base model (adapter off)")
     r: int = Field(16, ge=1, description="adapter rank")
     alpha: float = Field(32.0, gt=0, description="scaling numerator (lora_alpha)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="lora_dropout")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="lora_dropout; set to 0 in the policy (as all dropout is): dropout would make π_θ ≠ π_old for equal weights, so a non-zero value only logs a warning")
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="module names to adapt, or all-linear (every linear layer but the output head)")
 
 
@@ -71,7 +71,7 @@ class VLLMConfig(_Section):
 
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="GPU: fraction of device memory vLLM may take (weights + KV cache); the trainer needs the rest")
     kv_cache_gb: float = Field(1.0, gt=0.0, description="CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE)")
-    max_model_len: int | None = Field(None, ge=1, description="longest prompt + completion vLLM plans for; default: the longest prompt + rollout.max_new_tokens")
+    max_model_len: int | None = Field(None, ge=1, description="longest prompt + completion vLLM plans for; default: data.max_prompt_length + the longest max_new_tokens when data.max_prompt_length is set, else the model's own limit")
     enforce_eager: bool = Field(True, description="no CUDA graphs / torch.compile: faster start, slower decode")
     sleep_mode: bool = Field(True, description="GPU: free vLLM's weights and KV cache during the update, wake it before the next generation")
 

@@ -6,6 +6,7 @@ so no second copy of the weights is loaded.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,10 @@ def load_policy(model_cfg: Any, device: torch.device):
             ),
         )
     # RL needs deterministic log-probs: dropout would make π_θ ≠ π_old for identical weights.
+    if model_cfg.lora.enabled and model_cfg.lora.dropout > 0:
+        logging.getLogger("groupwise.model").warning(
+            "model.lora.dropout %.3g is set to 0: dropout in the policy would make the PPO ratio ≠ 1 for equal weights",
+            model_cfg.lora.dropout)
     disable_dropout(model)
     return model
 
