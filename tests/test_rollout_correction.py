@@ -8,8 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from groupwise.algorithms.rollout_correction import correction_from_config, resolve_level, rollout_importance_weights
-from groupwise.config import RolloutCorrectionConfig
+from groupwise.algorithms.rollout_correction import resolve_level, rollout_importance_weights
 
 # Two rows, three positions; row 1's last position is padding.
 # log-ratios old − sampling: row 0: ln 2, ln 0.5, ln 4 (sum ln 4); row 1: ln 0.25, ln 1.5 (sum ln 0.375)
@@ -104,17 +103,13 @@ def test_bad_arguments_are_refused():
         rollout_importance_weights(OLD, SAMPLING[:, :2], MASK, "token", "mask", 3.0, None)
 
 
-def test_resolve_level_and_config():
+def test_resolve_level():
     assert resolve_level("auto", "vllm") == "sequence"
     assert resolve_level("auto", "hf") == "none"
     assert resolve_level("token", "hf") == "token"
     assert resolve_level("none", "vllm") == "none"
     with pytest.raises(ValueError):
         resolve_level("tokens", "vllm")
-    cfg = RolloutCorrectionConfig()   # auto, mask, clip_max 3
-    assert correction_from_config(cfg, "hf", OLD, SAMPLING, MASK) == (None, {})
-    w, _ = correction_from_config(cfg, "vllm", OLD, SAMPLING, MASK)
-    torch.testing.assert_close(w, torch.tensor([[0.0, 0.0, 0.0], [0.375, 0.375, 0.0]]))
 
 
 # ----- properties -----

@@ -110,17 +110,3 @@ def rollout_importance_weights(
         }
     return weights, {f"rollout_correction/{k}": v for k, v in metrics.items()}
 
-
-def correction_from_config(
-    cfg,
-    backend: str,
-    old_logprobs: torch.Tensor,
-    sampling_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-) -> tuple[torch.Tensor | None, dict[str, float]]:
-    """`rollout_importance_weights` as `algorithm.rollout_correction` (`cfg`) asks for it under
-    `rollout.backend` (`backend`); `(None, {})` when the resolved level is "none"."""
-    level = resolve_level(cfg.level, backend)
-    if level == "none":
-        return None, {}
-    return rollout_importance_weights(old_logprobs, sampling_logprobs, mask, level, cfg.mode, cfg.clip_max, cfg.clip_min)
