@@ -123,3 +123,21 @@ def test_trainer_refuses_before_loading(small_config, monkeypatch, tmp_path):
     monkeypatch.undo()
     monkeypatch.setenv(DEVICE_MEMORY_ENV, "1000")
     trainer_mod.Trainer(small_config(tmp_path / "b", **{"model.check_memory": "false"}))   # skipped: loads fine
+
+
+def test_vllm_backend_memory(monkeypatch):
+    """vLLM holds its own weights + KV cache: on the CPU they stay through the update (engine term);
+    on CUDA with sleep mode they take gpu_memory_utilization × the device, in the generation phase only."""
+    cfg = load_config(None, ["rollout.backend=vllm", "rollout.vllm.kv_cache_gb=0.5"])
+    plan = plan_memory(cfg, device_bytes=BIG)
+    assert plan.engine == plan.num_parameters * 4 + 2**29 and plan.kv_cache == 0
+    assert plan.total == plan.parameters + plan.gradients + plan.optimizer + plan.engine + plan.activations + plan.logits
+    assert "engine" in format_plan(plan) and "engine" not in format_plan(plan_memory(load_config(None), device_bytes=BIG))
+    from groupwise import memory_plan
+
+    monkeypatch.setattr(memory_plan, "resolve_device", lambda _: torch.device("cuda"))
+    gpu = plan_memory(load_config(None, ["rollout.backend=vllm", "rollout.vllm.gpu_memory_utilization=0.25"]), device_bytes=2**34)
+    assert gpu.engine == 0 and gpu.kv_cache == 2**32                 # a quarter of 16 GiB, freed for the update
+    awake = plan_memory(load_config(None, ["rollout.backend=vllm", "rollout.vllm.gpu_memory_utilization=0.25",
+                                           "rollout.vllm.sleep_mode=false"]), device_bytes=2**34)
+    assert awake.engine == 2**32 and awake.kv_cache == 0

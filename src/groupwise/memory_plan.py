@@ -50,6 +50,12 @@ rows (completions / world_size). Under `distributed.strategy: fsdp2` parameters,
 optimizer states are divided by `world_size`, and generation and the no-grad passes hold the
 parameters whole again (`gathered_parameters`), so the generation phase adds one full copy; under
 ddp every rank holds everything. The reference model is never sharded.
+
+`rollout.backend: vllm`: the engine holds its own copy of the weights and its KV cache. On CUDA
+it takes `rollout.vllm.gpu_memory_utilization` × the device's memory; on the CPU the weights
+plus `rollout.vllm.kv_cache_gb`. With sleep mode (CUDA and `rollout.vllm.sleep_mode`) it frees
+that during the update, so it counts in the generation phase only (in place of our KV cache);
+otherwise it stays through the update (the `engine` term).
 """
 from __future__ import annotations
 
@@ -96,6 +102,7 @@ class MemoryPlan:
     concurrent_sequences: int
     world_size: int = 1
     gathered_parameters: int = 0   # FSDP2: the whole parameters, held during generation
+    engine: int = 0                # vLLM's memory when it is not freed during the update
     knobs: dict[str, Any] = field(default_factory=dict)   # current values quoted by advice()
 
     def terms(self) -> dict[str, int]:
@@ -104,7 +111,7 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         """Peak: persistent state plus the larger of the update phase and the generation phase."""
-        persistent = self.parameters + self.reference + self.gradients + self.optimizer
+        persistent = self.parameters + self.reference + self.gradients + self.optimizer + self.engine
         return persistent + max(self.activations + self.logits, self.kv_cache + self.gathered_parameters)
 
     @property
@@ -264,15 +271,24 @@ def plan_memory(cfg: Config, *, device_bytes: int | None = None, world_size: int
     kv_cache = slots * seq_len * per_token
 
     dev_bytes, dev_source = _device_bytes(cfg, device_bytes)
+    engine = 0
+    if roll.backend == "vllm":
+        on_cuda = resolve_device(cfg.device).type == "cuda"
+        vllm_bytes = (int(roll.vllm.gpu_memory_utilization * dev_bytes) if on_cuda
+                      else n_params * b + int(roll.vllm.kv_cache_gb * 2**30))
+        if on_cuda and roll.vllm.sleep_mode:
+            kv_cache = vllm_bytes          # freed for the update, back for generation
+        else:
+            kv_cache, engine = 0, vllm_bytes
     fsdp = world_size > 1 and cfg.distributed.strategy == "fsdp2"
     shard = (lambda n: -(-n // world_size)) if fsdp else (lambda n: n)  # noqa: E731 - ceil division
     return MemoryPlan(
         parameters=shard(parameters), reference=reference, gradients=shard(gradients), optimizer=shard(optimizer),
-        gathered_parameters=parameters - shard(parameters) if fsdp else 0,
+        gathered_parameters=parameters - shard(parameters) if fsdp else 0, engine=engine,
         activations=activations, logits=logits, kv_cache=kv_cache, device_bytes=dev_bytes, device_source=dev_source,
         num_parameters=n_params, trainable_parameters=trainable, rows_per_micro_batch=rows, tokens_per_sequence=seq_len,
         prompt_length=prompt_len, prompt_length_source=prompt_source, concurrent_sequences=slots, world_size=world_size,
-        knobs={"dtype": cfg.model.dtype, "lora": lora.enabled, "lora_r": lora.r, "micro_batch_size": cfg.optimizer.micro_batch_size,
+        knobs={"backend": roll.backend, "dtype": cfg.model.dtype, "lora": lora.enabled, "lora_r": lora.r, "micro_batch_size": cfg.optimizer.micro_batch_size,
                "gradient_checkpointing": cfg.model.gradient_checkpointing, "max_new_tokens": roll.max_new_tokens},
     )
 
@@ -285,16 +301,20 @@ def format_plan(plan: MemoryPlan) -> str:
         "optimizer": "AdamW, 2 moments",
         "activations": f"{plan.rows_per_micro_batch} rows x {plan.tokens_per_sequence} tokens",
         "logits": "chunked head",
-        "kv_cache": f"{plan.concurrent_sequences} sequences x {plan.tokens_per_sequence} tokens",
+        "kv_cache": (f"{plan.concurrent_sequences} sequences x {plan.tokens_per_sequence} tokens" if plan.knobs.get("backend") != "vllm"
+                     else "vLLM (gpu_memory_utilization), freed during the update" if plan.kv_cache else "vLLM: see engine"),
     }
     width = max(len(k) for k in TERMS)
     lines = [f"{'term':<{width}}  {'memory':>11}  note"]
     for key, value in plan.terms().items():
         lines.append(f"{key:<{width}}  {_fmt(value):>11}  {notes.get(key, '')}".rstrip())
+    if plan.engine:
+        lines.append(f"{'engine':<{width}}  {_fmt(plan.engine):>11}  vLLM's weights + KV cache, kept through the update")
     if plan.gathered_parameters:
         lines.append(f"{'gathered':<{width}}  {_fmt(plan.gathered_parameters):>11}  FSDP2: the other ranks' parameter shards, during generation")
     gen = "kv_cache + gathered" if plan.gathered_parameters else "kv_cache"
-    lines.append(f"{'peak':<{width}}  {_fmt(plan.total):>11}  params+ref+grads+optimizer+max(activations+logits, {gen})")
+    persistent = "params+ref+grads+optimizer" + ("+engine" if plan.engine else "")
+    lines.append(f"{'peak':<{width}}  {_fmt(plan.total):>11}  {persistent}+max(activations+logits, {gen})")
     lines.append(f"{'device':<{width}}  {_fmt(plan.device_bytes):>11}  {plan.device_source}"
                  + (f", world_size {plan.world_size}" if plan.world_size > 1 else ""))
     lines.append(f"prompt length {plan.prompt_length} tokens ({plan.prompt_length_source}); "
