@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from groupwise import distributed as dist
-from groupwise.batching import rank_groups, rank_rows
+from groupwise.batching import rank_groups, rank_micro_batches, rank_rows
 from groupwise.types import Scores, move_tensors
 
 # A small but demanding step: 8 prompts × 8, two mini-batches, μ = 2 (so π_old is computed and
@@ -141,6 +141,16 @@ def test_rank_rows_by_hand():
     gid = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
     assert [p.tolist() for p in rank_rows(gid, 2)] == [[0, 1, 2, 3, 4], [5, 6, 7]]   # group 1 starts at 2 < 4
     assert rank_groups([4, 4], 3) == [[0], [1], []]                                   # fewer groups than ranks
+
+
+def test_rank_micro_batches_pad_to_the_largest_count():
+    gid = torch.tensor([0, 0, 0, 0, 1, 1])          # rank 0: group 0 (4 rows), rank 1: group 1 (2 rows)
+    r0 = rank_micro_batches(gid, 2, False, 2, 0)
+    r1 = rank_micro_batches(gid, 2, False, 2, 1)
+    assert [t.tolist() for t in r0] == [[0, 1], [2, 3]]
+    assert [t.tolist() if t is not None else None for t in r1] == [[4, 5], None]   # one idle pass
+    assert [t.tolist() for t in rank_micro_batches(gid, None, False, 1, 0)] == [[0, 1, 2, 3, 4, 5]]
+    assert rank_micro_batches(torch.tensor([0, 0]), None, True, 2, 1) == [None]      # no rows: idle
 
 
 def test_move_tensors_copies_nested_dataclasses():

@@ -83,6 +83,15 @@ def rank_rows(group_id: torch.Tensor, world_size: int) -> list[torch.Tensor]:
             if bool((owner == r).any()) else torch.zeros(0, dtype=torch.long) for r in range(world_size)]
 
 
+def rank_micro_batches(group_id: torch.Tensor, micro: int | None, whole_groups: bool, world_size: int, rank: int) -> list[torch.Tensor | None]:
+    """Rank `rank`'s micro-batches of a mini-batch (positions in it): its `rank_rows` share cut by
+    `micro_batch_rows` (None: the whole share in one pass), padded with None up to the largest count
+    any rank has, so that every rank runs the same number of forward/backward passes."""
+    per_rank = [[share[r] for r in micro_batch_rows(group_id[share.to(group_id.device)], micro or max(int(share.numel()), 1), whole_groups)]
+                for share in rank_rows(group_id, world_size)]
+    return per_rank[rank] + [None] * (max(len(p) for p in per_rank) - len(per_rank[rank]))
+
+
 def rank_groups(group_sizes: list[int], world_size: int) -> list[list[int]]:
     """Group indices per rank, contiguous and balanced by rows (the groups of `rank_rows`)."""
     gid = torch.arange(len(group_sizes)).repeat_interleave(torch.tensor(group_sizes, dtype=torch.long))

@@ -183,6 +183,13 @@ def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     return out
 
 
+def gather_rows(local: torch.Tensor, ctx: DistContext, device: torch.device) -> torch.Tensor:
+    """The ranks' row shares (`batching.rank_rows` order) concatenated: the whole batch, on every rank."""
+    if not ctx.enabled:
+        return local
+    return torch.cat([t.to(device) for t in all_gather_objects(local.detach().cpu(), ctx)])
+
+
 def broadcast_object(obj: Any, ctx: DistContext) -> Any:
     """Rank 0's `obj` on every rank."""
     if not ctx.enabled:

@@ -31,7 +31,7 @@ from groupwise.algorithms.filters import (
     d3s_sample_keep, d3s_token_mask, dynamic_sampling_keep, gfpo_keep, mask_truncated_completions, top_entropy_token_mask,
 )
 from groupwise.config import Config, ConfigError, build_config, default_run_dir, load_config
-from groupwise.batching import micro_batch_rows, mini_batch_rows, rank_groups, rank_rows, split_by_group
+from groupwise.batching import micro_batch_rows, mini_batch_rows, rank_groups, rank_micro_batches, rank_rows, split_by_group
 from groupwise import distributed as dist
 from groupwise.data import render_prompt
 from groupwise.data.prompt_stats import PromptStats
@@ -442,7 +442,7 @@ class Trainer:
         width = batch.completion_mask.shape[1]
         old, ref = [batch.completion_mask.new_zeros(0, width)], [batch.completion_mask.new_zeros(0, width)]
         with dist.gathered_parameters(self.model, self.dist):
-            for rows in (mine.split(micro) if mine.numel() else []):   # split() of an empty tensor yields one empty part
+            for rows in (mine[r] for r in micro_batch_rows(batch.group_id[mine], micro, whole_groups=False)):
                 mb = batch.select(rows)
                 args = (mb.input_ids, mb.attention_mask, mb.completion_mask)
                 kwargs = dict(temperature=temp, layout=self.layout, group_id=mb.group_id)
@@ -453,9 +453,8 @@ class Trainer:
                 elif self.config.algorithm.kl.coef > 0:  # LoRA: the reference is the base model, adapter off
                     with self.model.disable_adapter():
                         ref.append(completion_logprobs(self.model, *args, **kwargs)[0])
-        kl_on = self.ref_model is not None or self.config.algorithm.kl.coef > 0
-        batch.old_logprobs = self._gather_rows(torch.cat(old)) if needs_old else None
-        batch.ref_logprobs = self._gather_rows(torch.cat(ref)) if kl_on else None
+        batch.old_logprobs = dist.gather_rows(torch.cat(old), self.dist, self.device) if needs_old else None
+        batch.ref_logprobs = dist.gather_rows(torch.cat(ref), self.dist, self.device) if kl.coef > 0 else None
 
     def _rollout_correction(self, batch: TrainBatch, rollout: RolloutBatch, source: torch.Tensor) -> dict[str, float]:
         """Importance weights π_old(trainer) / π_sampler for the sampler–trainer mismatch (vLLM's
@@ -470,21 +469,6 @@ class Trainer:
                                                       self.correction_level, c.mode, c.clip_max, c.clip_min)
         batch.is_weights = torch.where(on_policy.unsqueeze(-1), weights, torch.ones_like(weights))
         return metrics
-
-    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
-        """The ranks' row shares (`rank_rows` order) as the whole batch, on every rank."""
-        if not self.dist.enabled:
-            return local
-        return torch.cat([t.to(self.device) for t in dist.all_gather_objects(local.detach().cpu(), self.dist)])
-
-    def _rank_micro_batches(self, group_id: torch.Tensor, micro: int | None, whole_groups: bool) -> list[torch.Tensor | None]:
-        """This rank's micro-batches of a mini-batch (positions in it), padded with None to the
-        largest count any rank has, so every rank runs the same number of forward/backward passes."""
-        shares = rank_rows(group_id, self.dist.world_size)
-        per_rank = [[share[r] for r in micro_batch_rows(group_id[share.to(group_id.device)], micro or max(int(share.numel()), 1), whole_groups)]
-                    for share in shares]
-        mine = per_rank[self.dist.rank]
-        return mine + [None] * (max(len(p) for p in per_rank) - len(mine))
 
     def _idle_pass(self, mini_batch: TrainBatch) -> None:
         """A forward/backward on one row with zero weight: gradients unchanged, collectives matched."""
@@ -510,7 +494,7 @@ class Trainer:
                 counts = StepCounts.of(mini_batch.completion_mask, batch.max_completion_length)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for rows in self._rank_micro_batches(mini_batch.group_id, micro, whole_groups):
+                for rows in rank_micro_batches(mini_batch.group_id, micro, whole_groups, self.dist.world_size, self.dist.rank):
                     if rows is None:   # this rank has fewer micro-batches: a no-op pass keeps FSDP/DDP collectives matched
                         self._idle_pass(mini_batch)
                         continue
