@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from groupwise.model.logprobs import ChunkedHeadLogprob
+from groupwise.model.logprobs import EXP_FLOOR, ChunkedHeadLogprob, floored_log_softmax_
 
 
 def reference(h, w, b, targets, temperature):
@@ -69,3 +69,33 @@ def test_no_logits_are_saved_for_backward():
         lp, _ = ChunkedHeadLogprob.apply(h, w, None, torch.randint(0, 1000, (64,)), 1.0, 16, False)
     assert max(saved) == 1000 * 8, "only h and W are kept, never a [rows, vocab] tensor"
     lp.sum().backward()
+
+
+def test_floored_log_softmax_hand_computed():
+    # z = [0, ln 3]: log p = [ln ¼, ln ¾], logsumexp = ln 4; z = [0, −200]: log p₂ floored at −87
+    z = torch.tensor([[0.0, float(torch.log(torch.tensor(3.0)))], [0.0, -200.0]])
+    logp, lse = floored_log_softmax_(z)
+    torch.testing.assert_close(logp[0], torch.log(torch.tensor([0.25, 0.75])))
+    torch.testing.assert_close(lse, torch.tensor([float(torch.log(torch.tensor(4.0))), 0.0]))
+    assert logp[1].tolist() == [0.0, EXP_FLOOR]
+    assert logp.data_ptr() == z.data_ptr(), "computed in place"
+
+
+def test_logits_wider_than_the_exp_floor_match_float64():
+    # A trained LM's logits span > 87 nats: most of the row is floored, and nothing visible changes.
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(20, 8, generator=gen, dtype=torch.float64)
+    w = torch.randn(300, 8, generator=gen, dtype=torch.float64) * 30   # logits spread over hundreds of nats
+    targets = torch.randint(0, 300, (20,), generator=gen)
+    g_logp, g_ent = torch.randn(20, generator=gen, dtype=torch.float64), torch.randn(20, generator=gen, dtype=torch.float64)
+    leaves = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+    lp, ent = reference(*leaves, None, targets, 1.3)
+    assert float(torch.log_softmax(torch.nn.functional.linear(h, w) / 1.3, -1).min()) < -400
+    ((lp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    ours = [h.float().requires_grad_(), w.float().requires_grad_()]
+    lp2, ent2 = ChunkedHeadLogprob.apply(ours[0], ours[1], None, targets, 1.3, 7, True)
+    ((lp2 * g_logp.float()).sum() + (ent2 * g_ent.float()).sum()).backward()
+    torch.testing.assert_close(lp2, lp.float(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ent2, ent.float(), atol=1e-5, rtol=1e-5)
+    for got, want in zip(ours, leaves):
+        torch.testing.assert_close(got.grad, want.grad.float(), atol=1e-4, rtol=1e-4)
