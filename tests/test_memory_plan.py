@@ -59,6 +59,16 @@ def test_kv_cache_term():
     assert plan_memory(budget, device_bytes=BIG).kv_cache == slots * 30 * per_token
 
 
+def test_packed_weights_join_the_generation_phase_on_the_cpu():
+    cfg = load_config(None, ["device=cpu"])
+    plan = plan_memory(cfg, device_bytes=BIG)
+    assert plan.packed_weights == plan.num_parameters * 4            # one float32 copy of the weights
+    persistent = plan.parameters + plan.reference + plan.gradients + plan.optimizer
+    assert plan.total == persistent + max(plan.activations + plan.logits, plan.kv_cache + plan.packed_weights)
+    for off in (["rollout.packed_matmul=false"], ["model.dtype=bfloat16"]):
+        assert plan_memory(load_config(None, ["device=cpu", *off]), device_bytes=BIG).packed_weights == 0
+
+
 def test_lora_trainable_matches_peft():
     cfg = load_config(None, ["model.lora.enabled=true", "model.lora.r=8", "algorithm.kl.coef=0.05"])
     plan = plan_memory(cfg, device_bytes=BIG)

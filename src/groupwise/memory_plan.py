@@ -26,16 +26,19 @@ The estimate is an upper-bound-minded sketch, not a profiler. What each term ass
   layer's input is kept, plus one layer recomputed at a time: tokens · (layers · hidden + E).
   Plus 2·hidden per token for the final norm and the last hidden state.
 * logits: `groupwise.model.logprobs` never materializes `[N, T, vocab]`: the head runs on the M =
-  rows · C completion positions in chunks of 512 rows and recomputes them in backward, where four
-  float32 `[chunk, vocab]` buffers are alive (logits, log-softmax, p, dlogits). So: the M gathered
-  hidden states (model dtype) + 4 · min(512, M) · vocab · 4 bytes (+ a float32 `[vocab, hidden]`
+  rows · C completion positions in chunks of 512 rows and recomputes them in backward, where two
+  float32 `[chunk, vocab]` buffers are alive (log p in place of the logits, then p, turned into the
+  logits' gradient in place). So: the M gathered hidden states (model dtype) + 2 · min(512, M) · vocab · 4 bytes (+ a float32 `[vocab, hidden]`
   accumulator for the head's gradient under full fine-tuning).
 * kv_cache: sequences decoded at once (`rollout.scheduling.concurrent_sequences` over one round's
   completions, bounded by `rollout.max_concurrent_sequences` / `rollout.kv_cache_budget_mb`) ×
   (P + C) × `kv_bytes_per_token` (keys and values of every layer, in `model.dtype`).
 
+* packed: CPU float32 decoding with `rollout.packed_matmul` holds MKL-packed copies of the weights
+  during generation (about their size in touched memory).
+
 Generation and the update do not overlap in time, so the peak is
-parameters + reference + gradients + optimizer + max(activations + logits, kv_cache).
+parameters + reference + gradients + optimizer + max(activations + logits, kv_cache + packed).
 
 P is `data.max_prompt_length` when set, else 16 tokens for the built-in arithmetic task (its prompts
 are under 12 tokens), else 256 tokens; `MemoryPlan.prompt_length_source` says which.
@@ -74,7 +77,7 @@ DEVICE_MEMORY_ENV = "GROUPWISE_DEVICE_MEMORY_BYTES"
 BUILTIN_PROMPT_TOKENS = 16
 DEFAULT_PROMPT_TOKENS = 256
 LOGPROB_CHUNK_ROWS = 512           # `completion_logprobs`' default chunk_rows
-LOGIT_BUFFERS = 4                  # float32 [chunk, vocab] tensors alive in ChunkedHeadLogprob.backward
+LOGIT_BUFFERS = 2                  # float32 [chunk, vocab] tensors alive in ChunkedHeadLogprob (log p, then p / its gradient)
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TERMS = ("parameters", "reference", "gradients", "optimizer", "activations", "logits", "kv_cache")
@@ -103,6 +106,7 @@ class MemoryPlan:
     world_size: int = 1
     gathered_parameters: int = 0   # FSDP2: the whole parameters, held during generation
     engine: int = 0                # vLLM's memory when it is not freed during the update
+    packed_weights: int = 0        # rollout.packed_matmul: MKL-packed copies of the weights, during generation
     knobs: dict[str, Any] = field(default_factory=dict)   # current values quoted by advice()
 
     def terms(self) -> dict[str, int]:
@@ -112,7 +116,7 @@ class MemoryPlan:
     def total(self) -> int:
         """Peak: persistent state plus the larger of the update phase and the generation phase."""
         persistent = self.parameters + self.reference + self.gradients + self.optimizer + self.engine
-        return persistent + max(self.activations + self.logits, self.kv_cache + self.gathered_parameters)
+        return persistent + max(self.activations + self.logits, self.kv_cache + self.gathered_parameters + self.packed_weights)
 
     @property
     def fits(self) -> bool:
@@ -280,11 +284,14 @@ def plan_memory(cfg: Config, *, device_bytes: int | None = None, world_size: int
             kv_cache = vllm_bytes          # freed for the update, back for generation
         else:
             kv_cache, engine = 0, vllm_bytes
+    # CPU float32 decoding packs every linear layer's weight for MKL (about their size, touched).
+    packed = n_params * b if (roll.backend == "hf" and roll.packed_matmul and cfg.model.dtype == "float32"
+                              and resolve_device(cfg.device).type == "cpu") else 0
     fsdp = world_size > 1 and cfg.distributed.strategy == "fsdp2"
     shard = (lambda n: -(-n // world_size)) if fsdp else (lambda n: n)  # noqa: E731 - ceil division
     return MemoryPlan(
         parameters=shard(parameters), reference=reference, gradients=shard(gradients), optimizer=shard(optimizer),
-        gathered_parameters=parameters - shard(parameters) if fsdp else 0, engine=engine,
+        gathered_parameters=parameters - shard(parameters) if fsdp else 0, engine=engine, packed_weights=packed,
         activations=activations, logits=logits, kv_cache=kv_cache, device_bytes=dev_bytes, device_source=dev_source,
         num_parameters=n_params, trainable_parameters=trainable, rows_per_micro_batch=rows, tokens_per_sequence=seq_len,
         prompt_length=prompt_len, prompt_length_source=prompt_source, concurrent_sequences=slots, world_size=world_size,
@@ -312,7 +319,9 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append(f"{'engine':<{width}}  {_fmt(plan.engine):>11}  vLLM's weights + KV cache, kept through the update")
     if plan.gathered_parameters:
         lines.append(f"{'gathered':<{width}}  {_fmt(plan.gathered_parameters):>11}  FSDP2: the other ranks' parameter shards, during generation")
-    gen = "kv_cache + gathered" if plan.gathered_parameters else "kv_cache"
+    if plan.packed_weights:
+        lines.append(f"{'packed':<{width}}  {_fmt(plan.packed_weights):>11}  CPU decoding: MKL-packed weights (rollout.packed_matmul), during generation")
+    gen = "kv_cache" + (" + gathered" if plan.gathered_parameters else "") + (" + packed" if plan.packed_weights else "")
     persistent = "params+ref+grads+optimizer" + ("+engine" if plan.engine else "")
     lines.append(f"{'peak':<{width}}  {_fmt(plan.total):>11}  {persistent}+max(activations+logits, {gen})")
     lines.append(f"{'device':<{width}}  {_fmt(plan.device_bytes):>11}  {plan.device_source}"

@@ -45,6 +45,7 @@ from groupwise.metrics import MetricsLogger, NullLogger, Progress, sample_record
 from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, resolve_model_path, trainable_parameters
 from groupwise.model.logprobs import completion_logprobs
 from groupwise.model.packing import unsupported_reason_for_path
+from groupwise.cpu_memory import retain_freed_memory
 from groupwise.optim import build_optimizer, build_scheduler
 from groupwise.rewards import RewardRunner
 from groupwise.rollout import SamplingParams, rollout_engine
@@ -90,6 +91,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.retain_cpu_memory and self.device.type == "cpu":
+            retain_freed_memory()   # large tensors are freed and re-allocated every step
 
         # Everything that can fail on bad input is checked before the model is loaded.
         self.train_prompts = load_train_prompts(cfg.data, cfg.seed)

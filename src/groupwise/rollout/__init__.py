@@ -26,6 +26,7 @@ def rollout_engine(model, tokenizer, config):
         kv_cache_budget_mb=roll.kv_cache_budget_mb,
         scheduling=roll.scheduling,
         length_order=roll.length_order,
+        packed_matmul=roll.packed_matmul,
         max_prompt_length=config.data.max_prompt_length,
     )
 

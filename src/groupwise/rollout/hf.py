@@ -21,6 +21,7 @@ import torch
 from groupwise.model.logprobs import position_ids_from_mask
 from groupwise.model.packing import unsupported_reason
 from groupwise.rollout.base import SamplingParams, group_sizes
+from groupwise.rollout.packed_linear import packed_linears
 from groupwise.rollout.scheduling import (
     LengthOrder, LengthPredictor, concurrent_sequences, kv_bytes_per_token, order_sequences, sequence_uniforms,
 )
@@ -86,7 +87,8 @@ class HFRolloutEngine:
     `max_concurrent_sequences` / `kv_cache_budget_mb` bound the sequences decoded at once;
     `scheduling` is "continuous" (refill freed slots at once) or "micro_group" (admit the next
     micro-group when all slots are empty); `length_order` sorts the pending queue by each
-    prompt's predicted completion length (the mean of its earlier completions).
+    prompt's predicted completion length (the mean of its earlier completions);
+    `packed_matmul` decodes through MKL-packed weights (`rollout.packed_linear`) where available.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class HFRolloutEngine:
         scheduling: str = "continuous",
         length_order: LengthOrder = "none",
         max_prompt_length: int | None = None,
+        packed_matmul: bool = False,
     ):
         if scheduling not in ("continuous", "micro_group"):
             raise ValueError(f"HFRolloutEngine: scheduling must be 'continuous' or 'micro_group', not {scheduling!r}")
@@ -109,6 +112,7 @@ class HFRolloutEngine:
         self.scheduling = scheduling
         self.length_order = length_order
         self.max_prompt_length = max_prompt_length
+        self.packed_matmul = packed_matmul
         self.lengths = LengthPredictor(default=0.0)
         self._use_slots: bool | None = None       # decided on first use (slot KV cache, else DynamicCache)
         self._row_offset = 0                      # set by generate: this call's first row in the whole batch
@@ -167,7 +171,8 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            ids, lengths, logprobs, finished = self._decode(rows, order, params, seed, slots, device)
+            with packed_linears(self.model, min(slots, len(rows)) if self.packed_matmul else 0):
+                ids, lengths, logprobs, finished = self._decode(rows, order, params, seed, slots, device)
         finally:
             self.model.train(was_training)
         self.lengths.update(row_keys, lengths.tolist())
