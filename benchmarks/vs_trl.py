@@ -455,7 +455,7 @@ def main() -> None:
     ap.add_argument("--model", default="builtin", help="builtin, smollm2, or a local Hugging Face model directory")
     ap.add_argument("--smollm2-dir", default=str(DEFAULT_SMOLLM2_DIR), help="where --model smollm2 lives (converted there when missing)")
     ap.add_argument("--steps", type=int, default=5, help="measured steps per framework")
-    ap.add_argument("--warmup", type=int, default=1, help="unmeasured steps per framework first")
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per framework first (two: a process's heap grows over its first steps)")
     ap.add_argument("--chunk", type=int, default=1, help="steps per turn")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step (P)")
     ap.add_argument("--generations", "-G", type=int, default=4, help="completions per prompt (G)")
