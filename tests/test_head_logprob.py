@@ -19,8 +19,8 @@ def reference(h, w, b, targets, temperature):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=st.integers(1, 9), vocab=st.integers(2, 17), chunk=st.integers(1, 10), temperature=st.sampled_from([0.6, 1.0, 1.7]),
-       with_bias=st.booleans(), entropy_weight=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 1000))
-def test_values_and_gradients_match_autograd(m, vocab, chunk, temperature, with_bias, entropy_weight, seed):
+       with_bias=st.booleans(), entropy_weight=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 1000), keep=st.booleans())
+def test_values_and_gradients_match_autograd(m, vocab, chunk, temperature, with_bias, entropy_weight, seed, keep):
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(m, 6, generator=gen, dtype=torch.float64)
     w = torch.randn(vocab, 6, generator=gen, dtype=torch.float64) * 2
@@ -35,7 +35,7 @@ def test_values_and_gradients_match_autograd(m, vocab, chunk, temperature, with_
     expected = [t.grad for t in leaves]
 
     ours = [t.clone().requires_grad_() for t in (h, w) + ((b,) if b is not None else ())]
-    lp2, ent2 = ChunkedHeadLogprob.apply(ours[0], ours[1], ours[2] if b is not None else None, targets, temperature, chunk, True)
+    lp2, ent2 = ChunkedHeadLogprob.apply(ours[0], ours[1], ours[2] if b is not None else None, targets, temperature, chunk, True, keep)
     ((lp2 * g_logp).sum() + (ent2 * g_ent).sum()).backward()
     torch.testing.assert_close(lp2, lp.float(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ent2, ent.float(), atol=1e-6, rtol=1e-6)
@@ -99,3 +99,55 @@ def test_logits_wider_than_the_exp_floor_match_float64():
     torch.testing.assert_close(ent2, ent.float(), atol=1e-5, rtol=1e-5)
     for got, want in zip(ours, leaves):
         torch.testing.assert_close(got.grad, want.grad.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_kept_probabilities_serve_the_first_backward_and_a_second_recomputes():
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (6,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        lp, _ = ChunkedHeadLogprob.apply(h, w, None, targets, 1.0, 4, False, True)
+    assert (4, 50) in saved and (2, 50) in saved, "p of each chunk is kept"
+    expected = torch.autograd.grad(reference(h, w, None, targets, 1.0)[0].sum(), (h, w))
+    lp.sum().backward(retain_graph=True)
+    torch.testing.assert_close(h.grad, expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, expected[1], atol=1e-5, rtol=1e-5)
+    h.grad, w.grad = None, None
+    lp.sum().backward()       # the kept p became the gradient in place: a second backward recomputes it
+    torch.testing.assert_close(h.grad, expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, expected[1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        lp3, _ = ChunkedHeadLogprob.apply(h, w, None, targets, 1.0, 4, False, True)
+    torch.testing.assert_close(lp3, lp.detach())
+
+
+def test_completion_logprobs_keeps_the_softmax_only_within_its_budget():
+    from types import SimpleNamespace
+
+    from groupwise.model.logprobs import completion_logprobs
+
+    torch.manual_seed(0)
+    decoder = torch.nn.Embedding(30, 8)
+    head = torch.nn.Linear(8, 30, bias=False)
+
+    class TinyLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder, self.head = decoder, head
+
+        def get_decoder(self):
+            return lambda input_ids, **kw: SimpleNamespace(last_hidden_state=self.decoder(input_ids))
+
+        def get_output_embeddings(self):
+            return self.head
+
+    ids = torch.randint(0, 30, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    cmask = torch.ones(2, 3, dtype=torch.long)          # M = 6 completion tokens: 6 · 30 · 4 = 720 bytes
+    for budget, kept in ((720, True), (719, False), (0, False)):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            logp, _ = completion_logprobs(TinyLM(), ids, mask, cmask, keep_head_probs_bytes=budget)
+        assert ((6, 30) in shapes) is kept, budget
+        logp.sum().backward()

@@ -28,7 +28,8 @@ The estimate is an upper-bound-minded sketch, not a profiler. What each term ass
 * logits: `groupwise.model.logprobs` never materializes `[N, T, vocab]`: the head runs on the M =
   rows · C completion positions in chunks of 512 rows and recomputes them in backward, where two
   float32 `[chunk, vocab]` buffers are alive (log p in place of the logits, then p, turned into the
-  logits' gradient in place). So: the M gathered hidden states (model dtype) + 2 · min(512, M) · vocab · 4 bytes (+ a float32 `[vocab, hidden]`
+  logits' gradient in place). So: the M gathered hidden states (model dtype) + 2 · min(512, M) · vocab · 4 bytes
+  (+ M · vocab · 4 when that fits `model.keep_head_probs_mb`: the softmax kept for the backward pass) (+ a float32 `[vocab, hidden]`
   accumulator for the head's gradient under full fine-tuning).
 * kv_cache: sequences decoded at once (`rollout.scheduling.concurrent_sequences` over one round's
   completions, bounded by `rollout.max_concurrent_sequences` / `rollout.kv_cache_budget_mb`) ×
@@ -268,6 +269,8 @@ def plan_memory(cfg: Config, *, device_bytes: int | None = None, world_size: int
     logits = completion_tokens * hidden * b + LOGIT_BUFFERS * min(LOGPROB_CHUNK_ROWS, completion_tokens) * vocab * 4
     if not lora.enabled:
         logits += vocab * hidden * 4
+    if 0 < completion_tokens * vocab * 4 <= cfg.model.keep_head_probs_mb * 2**20:
+        logits += completion_tokens * vocab * 4          # the head's softmax, kept for the backward pass
 
     # Generation phase: the KV cache of the sequences decoded at once.
     per_token = kv_bytes_per_token(model.config, dtype)

@@ -505,7 +505,7 @@ class Trainer:
                     logp, entropy = completion_logprobs(
                         self.model, mb.input_ids, mb.attention_mask, mb.completion_mask,
                         temperature=cfg.rollout.temperature, with_entropy=True, entropy_grad=self.parts.entropy_coef > 0,
-                        layout=self.layout, group_id=mb.group_id,
+                        layout=self.layout, group_id=mb.group_id, keep_head_probs_bytes=int(cfg.model.keep_head_probs_mb * 2**20),
                     )
                     old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
                     if mb.behaviour_logprobs is not None:

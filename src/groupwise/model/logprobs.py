@@ -45,27 +45,33 @@ class ChunkedHeadLogprob(torch.autograd.Function):
 
     Saves only h `[M, H]` (W, which the model holds anyway) and the per-row logsumexp and
     entropy: memory `O(chunk · vocab)` instead of `O(M · vocab)`, for one extra head matmul in the
-    backward pass. The vocabulary-wide work is done in place, a few passes per chunk, with the
-    log-probabilities floored at −87 (`floored_log_softmax_`), so no pass hits exp's slow path.
+    backward pass. With `keep_probs` it saves the softmax p `[M, vocab]` instead and skips that
+    matmul (the caller decides whether M · vocab floats fit). The vocabulary-wide work is done in
+    place, a few passes per chunk, with the log-probabilities floored at −87
+    (`floored_log_softmax_`), so no pass hits exp's slow path.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int, with_entropy: bool):
-        logps, lses, ents = [], [], []
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int, with_entropy: bool, keep_probs: bool = False):
+        logps, lses, ents, probs = [], [], [], []
         for start in range(0, hidden.shape[0], chunk):
             z = _head_logits(hidden[start : start + chunk], weight, bias, temperature)
             z_target = z.gather(-1, targets[start : start + chunk, None]).squeeze(-1)
             logp_all, lse = floored_log_softmax_(z)   # z is overwritten
             logps.append(z_target - lse)
             lses.append(lse)
-            if with_entropy:
-                ents.append(-(logp_all.exp() * logp_all).sum(-1))
+            if with_entropy or keep_probs:
+                p = logp_all.exp()
+                if with_entropy:
+                    ents.append(-(p * logp_all).sum(-1))
+                if keep_probs:
+                    probs.append(p)
         empty = hidden.new_zeros(0, dtype=torch.float32)
         logp = torch.cat(logps) if logps else empty
         lse = torch.cat(lses) if lses else empty
         entropy = torch.cat(ents) if ents else empty
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, *probs)
+        ctx.temperature, ctx.chunk, ctx.with_entropy, ctx.kept = temperature, chunk, with_entropy, bool(probs)
         ctx.set_materialize_grads(False)           # an unused output's gradient arrives as None: skip its work
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -73,20 +79,25 @@ class ChunkedHeadLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy, *probs = ctx.saved_tensors
         t = ctx.temperature
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         use_entropy = ctx.with_entropy and grad_entropy is not None
+        kept, ctx.kept = ctx.kept, False            # a second backward (retain_graph) recomputes
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        for start in range(0, hidden.shape[0], ctx.chunk):
+        for i, start in enumerate(range(0, hidden.shape[0], ctx.chunk)):
             sl = slice(start, start + ctx.chunk)
             h = hidden[sl]
-            logp_all = _head_logits(h, weight, bias, t)
-            logp_all.sub_(lse[sl, None]).clamp_(min=EXP_FLOOR)       # log p, floored
-            p = logp_all.exp()
+            if kept:   # the forward's p, turned into the gradient in place: only the first backward may use it
+                p = probs[i]
+                logp_all = p.log() if use_entropy else None
+            else:
+                logp_all = _head_logits(h, weight, bias, t)
+                logp_all.sub_(lse[sl, None]).clamp_(min=EXP_FLOOR)       # log p, floored
+                p = logp_all.exp()
             # ∂/∂z of Σ_i g_i log p_{i,y_i} + e_i H_i, then ∂z/∂(logits) = 1/T:
             #   gz = (g ⊙ (onehot(y) − p) − e ⊙ p ⊙ (log p + H)) / T
             g = grad_logp[sl] / t if grad_logp is not None else torch.zeros_like(lse[sl])
@@ -105,7 +116,7 @@ class ChunkedHeadLogprob(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += gz.sum(0)
         return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
-                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None, None)
 
 
 def _head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
@@ -132,6 +143,7 @@ def completion_logprobs(
     chunk_rows: int = 512,
     layout: str = "padded",
     group_id: torch.Tensor | None = None,
+    keep_head_probs_bytes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(o_t | prompt, o_<t) / T-scaled, for every completion position; 0 at padding.
 
@@ -143,6 +155,9 @@ def completion_logprobs(
     `layout` picks how the decoder sees the rows (`groupwise.model.packing`): "padded" (the rows
     as given), "packed" (padding-free: one flat row, no pad tokens), or "shared_prefix" (packed,
     and rows with the same `group_id` encode their common prompt once: Prefix Grouper).
+    `keep_head_probs_bytes`: when grad is on and the head's softmax over the M completion tokens
+    (M · vocab float32) takes at most this many bytes, it is kept for the backward pass instead of
+    recomputed (one head matmul fewer); 0 = always recompute.
     Returns `(logp[N, Tc], entropy[N, Tc] or None)`.
     """
     decoder, head = _decoder_and_head(model)
@@ -166,7 +181,9 @@ def completion_logprobs(
     else:
         raise ValueError(f"completion_logprobs: unknown layout {layout!r} (padded, packed, shared_prefix)")
     if type(head) is torch.nn.Linear:
-        logp_rows, ent_rows = ChunkedHeadLogprob.apply(rows_h, head.weight, head.bias, rows_t, temperature, chunk_rows, with_entropy)
+        keep_probs = torch.is_grad_enabled() and 0 < rows_t.numel() * head.out_features * 4 <= keep_head_probs_bytes
+        logp_rows, ent_rows = ChunkedHeadLogprob.apply(rows_h, head.weight, head.bias, rows_t, temperature, chunk_rows, with_entropy,
+                                                       keep_probs)
         if with_entropy and not (entropy_grad and torch.is_grad_enabled()):
             ent_rows = ent_rows.detach()
         pieces, ent_pieces = [logp_rows], [ent_rows] if with_entropy else []
