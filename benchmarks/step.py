@@ -119,7 +119,7 @@ def main() -> None:
                     if not path.exists():
                         make_135m(path)
                     overrides = ["rollout.prompts_per_step=8", "rollout.num_generations=4", "rollout.max_new_tokens=64", "optimizer.lr=1e-6"]
-                    r = run(name, str(path), overrides + layout, args.steps or 3, 1, tmp / f"run-135m-{variant}")
+                    r = run(name, str(path), overrides + layout, args.steps or 3, 2, tmp / f"run-135m-{variant}")   # 2 warm-ups: the heap grows first
                 else:
                     raise SystemExit(f"unknown model '{name}' (builtin, 135m)")
                 r["variant"] = variant
