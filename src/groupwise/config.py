@@ -89,7 +89,7 @@ class RolloutConfig(_Section):
     max_concurrent_sequences: int | None = Field(None, ge=1, description="most completions decoded at once (micro-groups; Infinite Sampling); default: all")
     kv_cache_budget_mb: float | None = Field(None, gt=0.0, description="also bound the completions decoded at once by their KV cache (each reserves its prompt + max_new_tokens)")
     scheduling: Literal["continuous", "micro_group"] = Field("continuous", description="continuous: a finished completion's slot is refilled at once; micro_group: the next sequences start when all slots are free")
-    packed_matmul: bool = Field(True, description="hf backend, float32 on the CPU: decode through weights packed once per round for MKL's packed sgemm (groupwise.rollout.packed_linear): the same results, ~25% less time per decode step; false = plain F.linear")
+    packed_matmul: bool = Field(True, description="hf backend, float32 on the CPU: decode through weights prepacked once per round for oneDNN (groupwise.rollout.packed_linear): the same products to float32 rounding, 1.2–1.8× faster weight passes; false = plain F.linear")
     length_order: Literal["none", "shortest_first", "longest_first", "longest_then_shortest"] = Field("longest_then_shortest", description="order of the pending queue by each prompt's predicted completion length (mean of its earlier completions); longest_then_shortest: initial fill longest first, refills shortest first (Infinite Sampling)")
 
 

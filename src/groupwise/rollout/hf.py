@@ -88,7 +88,7 @@ class HFRolloutEngine:
     `scheduling` is "continuous" (refill freed slots at once) or "micro_group" (admit the next
     micro-group when all slots are empty); `length_order` sorts the pending queue by each
     prompt's predicted completion length (the mean of its earlier completions);
-    `packed_matmul` decodes through MKL-packed weights (`rollout.packed_linear`) where available.
+    `packed_matmul` decodes through oneDNN-prepacked weights (`rollout.packed_linear`) where available.
     """
 
     def __init__(
