@@ -65,7 +65,9 @@ def test_packed_weights_join_the_generation_phase_on_the_cpu():
     assert plan.packed_weights == plan.num_parameters * 4            # one float32 copy of the weights
     persistent = plan.parameters + plan.reference + plan.gradients + plan.optimizer
     assert plan.total == persistent + max(plan.activations + plan.logits, plan.kv_cache + plan.packed_weights)
-    for off in (["rollout.packed_matmul=false"], ["model.dtype=bfloat16"]):
+    on = plan_memory(load_config(None, ["device=cpu", "rollout.packed_matmul=false"]), device_bytes=BIG).packed_weights
+    assert on == plan.packed_weights                                  # rollout.fast_decode packs its own copies
+    for off in (["rollout.packed_matmul=false", "rollout.fast_decode=false"], ["model.dtype=bfloat16"]):
         assert plan_memory(load_config(None, ["device=cpu", *off]), device_bytes=BIG).packed_weights == 0
 
 

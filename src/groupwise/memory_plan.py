@@ -35,7 +35,7 @@ The estimate is an upper-bound-minded sketch, not a profiler. What each term ass
   completions, bounded by `rollout.max_concurrent_sequences` / `rollout.kv_cache_budget_mb`) ×
   (P + C) × `kv_bytes_per_token` (keys and values of every layer, in `model.dtype`).
 
-* packed: CPU float32 decoding with `rollout.packed_matmul` holds oneDNN-prepacked copies of the weights
+* packed: CPU float32 decoding with `rollout.packed_matmul` or `rollout.fast_decode` holds oneDNN-prepacked copies of the weights
   during generation (about their size in touched memory).
 
 Generation and the update do not overlap in time, so the peak is
@@ -107,7 +107,7 @@ class MemoryPlan:
     world_size: int = 1
     gathered_parameters: int = 0   # FSDP2: the whole parameters, held during generation
     engine: int = 0                # vLLM's memory when it is not freed during the update
-    packed_weights: int = 0        # rollout.packed_matmul: oneDNN-prepacked copies of the weights, during generation
+    packed_weights: int = 0        # rollout.packed_matmul / fast_decode: oneDNN-prepacked copies of the weights, during generation
     knobs: dict[str, Any] = field(default_factory=dict)   # current values quoted by advice()
 
     def terms(self) -> dict[str, int]:
@@ -287,8 +287,9 @@ def plan_memory(cfg: Config, *, device_bytes: int | None = None, world_size: int
             kv_cache = vllm_bytes          # freed for the update, back for generation
         else:
             kv_cache, engine = 0, vllm_bytes
-    # CPU float32 decoding prepacks every linear layer's weight for oneDNN (about their size, touched).
-    packed = n_params * b if (roll.backend == "hf" and roll.packed_matmul and cfg.model.dtype == "float32"
+    # CPU float32 decoding prepacks every linear layer's weight for oneDNN (about their size, touched):
+    # rollout.packed_matmul, or rollout.fast_decode's own stacked copies.
+    packed = n_params * b if (roll.backend == "hf" and (roll.packed_matmul or roll.fast_decode) and cfg.model.dtype == "float32"
                               and resolve_device(cfg.device).type == "cpu") else 0
     fsdp = world_size > 1 and cfg.distributed.strategy == "fsdp2"
     shard = (lambda n: -(-n // world_size)) if fsdp else (lambda n: n)  # noqa: E731 - ceil division
@@ -323,7 +324,7 @@ def format_plan(plan: MemoryPlan) -> str:
     if plan.gathered_parameters:
         lines.append(f"{'gathered':<{width}}  {_fmt(plan.gathered_parameters):>11}  FSDP2: the other ranks' parameter shards, during generation")
     if plan.packed_weights:
-        lines.append(f"{'packed':<{width}}  {_fmt(plan.packed_weights):>11}  CPU decoding: oneDNN-prepacked weights (rollout.packed_matmul), during generation")
+        lines.append(f"{'packed':<{width}}  {_fmt(plan.packed_weights):>11}  CPU decoding: oneDNN-prepacked weights (rollout.packed_matmul / fast_decode), during generation")
     gen = "kv_cache" + (" + gathered" if plan.gathered_parameters else "") + (" + packed" if plan.packed_weights else "")
     persistent = "params+ref+grads+optimizer" + ("+engine" if plan.engine else "")
     lines.append(f"{'peak':<{width}}  {_fmt(plan.total):>11}  {persistent}+max(activations+logits, {gen})")

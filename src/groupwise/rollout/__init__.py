@@ -27,6 +27,7 @@ def rollout_engine(model, tokenizer, config):
         scheduling=roll.scheduling,
         length_order=roll.length_order,
         packed_matmul=roll.packed_matmul,
+        fast_decode=roll.fast_decode,
         max_prompt_length=config.data.max_prompt_length,
     )
 

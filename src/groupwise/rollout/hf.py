@@ -16,11 +16,14 @@ sequence's tokens would depend on the schedule.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from groupwise.model.logprobs import position_ids_from_mask
 from groupwise.model.packing import unsupported_reason
 from groupwise.rollout.base import SamplingParams, group_sizes
+from groupwise.rollout.fast_decode import LlamaFastDecoder, fast_decode_supported
 from groupwise.rollout.packed_linear import packed_linears
 from groupwise.rollout.scheduling import (
     LengthOrder, LengthPredictor, concurrent_sequences, kv_bytes_per_token, order_sequences, sequence_uniforms,
@@ -88,7 +91,9 @@ class HFRolloutEngine:
     `scheduling` is "continuous" (refill freed slots at once) or "micro_group" (admit the next
     micro-group when all slots are empty); `length_order` sorts the pending queue by each
     prompt's predicted completion length (the mean of its earlier completions);
-    `packed_matmul` decodes through oneDNN-prepacked weights (`rollout.packed_linear`) where available.
+    `packed_matmul` decodes through oneDNN-prepacked weights (`rollout.packed_linear`) where available;
+    `fast_decode` runs the decode steps of a plain Llama model through `rollout.fast_decode` (fewer,
+    larger operations) where available.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class HFRolloutEngine:
         length_order: LengthOrder = "none",
         max_prompt_length: int | None = None,
         packed_matmul: bool = False,
+        fast_decode: bool = False,
     ):
         if scheduling not in ("continuous", "micro_group"):
             raise ValueError(f"HFRolloutEngine: scheduling must be 'continuous' or 'micro_group', not {scheduling!r}")
@@ -113,6 +119,8 @@ class HFRolloutEngine:
         self.length_order = length_order
         self.max_prompt_length = max_prompt_length
         self.packed_matmul = packed_matmul
+        self.fast_decode = fast_decode
+        self._fast: LlamaFastDecoder | None = None   # set for one generate call
         self.lengths = LengthPredictor(default=0.0)
         self._use_slots: bool | None = None       # decided on first use (slot KV cache, else DynamicCache)
         self._row_offset = 0                      # set by generate: this call's first row in the whole batch
@@ -171,9 +179,13 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with packed_linears(self.model, min(slots, len(rows)) if self.packed_matmul else 0):
+            rows_at_once = min(slots, len(rows))
+            if self.fast_decode and self._slots_supported() and fast_decode_supported(self.model):
+                self._fast = LlamaFastDecoder(self.model, rows_at_once)   # its own prepacked weights: prefill runs plain
+            with nullcontext() if self._fast is not None else packed_linears(self.model, rows_at_once if self.packed_matmul else 0):
                 ids, lengths, logprobs, finished = self._decode(rows, order, params, seed, slots, device)
         finally:
+            self._fast = None
             self.model.train(was_training)
         self.lengths.update(row_keys, lengths.tolist())
 
@@ -207,12 +219,15 @@ class HFRolloutEngine:
         )
         return out.past_key_values, attn, out.logits[:, -1]
 
+    def _slots_supported(self) -> bool:
+        if self._use_slots is None:
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self._use_slots = unsupported_reason(type(base), base.config) is None
+        return self._use_slots
+
     def _decode(self, rows, order, params: SamplingParams, seed: int, slots: int, device: torch.device):
         """Decode with the slot KV cache when the model's attention allows it, else with DynamicCache."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        if self._use_slots is None:
-            self._use_slots = unsupported_reason(type(base), base.config) is None
-        if self._use_slots:
+        if self._slots_supported():
             return self._decode_slots(rows, order, params, seed, slots, device)
         return self._decode_dynamic(rows, order, params, seed, slots, device)
 
@@ -319,7 +334,10 @@ class HFRolloutEngine:
                 continue
             cache.begin_decode()
             pos = cache.lens[: cache.active].clone()
-            logits = slot_forward(self.model, nxt.unsqueeze(-1), pos.unsqueeze(-1), cache, torch.zeros_like(pos))
+            if self._fast is not None:
+                logits = self._fast.step(nxt, pos, cache)
+            else:
+                logits = slot_forward(self.model, nxt.unsqueeze(-1), pos.unsqueeze(-1), cache, torch.zeros_like(pos))
             cache.lens[: cache.active] += 1
         self.last_stats = {"decode_steps": float(steps), "slots": float(slots), "admissions": float(admissions),
                            "prefill_calls": float(prefills), "slot_utilization": busy / max(steps * slots, 1)}
