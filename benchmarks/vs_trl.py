@@ -31,7 +31,8 @@ its `model.generate` calls; groupwise: `time/generation`), generated tokens (com
 to and including EOS, as both count them), and the process's peak RSS while stepping (psutil,
 sampled every 20 ms). The compute floor is `benchmarks/step.py`'s: the step's matmul FLOPs (with
 the task's mean prompt length and each framework's median generated tokens) over the machine's
-fp32 matmul rate, the best of measurements before and after the steps (`--no-floor` skips it). Prints a table and, as its last line,
+fp32 matmul rate, the best of measurements before, at every groupwise turn and after the steps
+(a shared machine's speed drifts; `--no-floor` skips it). Prints a table and, as its last line,
 one JSON object (also written to `--json PATH`). Run by hand; never asserted in tests.
 """
 from __future__ import annotations
@@ -519,6 +520,8 @@ def main() -> None:
             for name in order:
                 n = min(args.chunk, args.steps - len(records[name]))
                 if n > 0:
+                    if name == "groupwise" and rates:   # a shared machine's speed drifts: measure it at every turn
+                        rates.append(workers["groupwise"].rate())
                     got = workers[name].run(n)
                     records[name] += got
                     print(f"{name}: " + ", ".join(f"{r['seconds']:.2f}s" for r in got), flush=True)
@@ -533,7 +536,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     floor = workers["groupwise"].info.get("floor") if "groupwise" in workers else None
-    if floor:   # the best of the measurements before and after the steps: a floor is a best case
+    if floor:   # the best of the measurements (before, at every groupwise turn, after): a floor is a best case
         floor.update(matmul_flops_per_second=max(rates), matmul_flops_per_second_measured=rates)
     elif "groupwise" in workers and workers["groupwise"].info.get("floor_error"):
         print(f"no compute floor: {workers['groupwise'].info['floor_error']}")
@@ -559,7 +562,9 @@ def main() -> None:
           f"reward exact_answer(extract={spec['extract']}); "
           f"{args.steps} measured steps each after {args.warmup} warm-up, turns of {args.chunk}")
     if floor:
-        print(f"fp32 matmul rate: {floor['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s; prompt tokens (mean) {floor['prompt_tokens_mean']:.1f}")
+        measured = floor["matmul_flops_per_second_measured"]
+        print(f"fp32 matmul rate: {floor['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s, the best of {len(measured)} measurements "
+              f"({min(measured) / 1e9:.0f}–{max(measured) / 1e9:.0f}); prompt tokens (mean) {floor['prompt_tokens_mean']:.1f}")
     header = f"{'framework':<11}{'step s (med)':>13}{'min':>8}{'gen s':>8}{'gen tok':>9}{'tok/s':>9}{'peak RSS':>11}{'reward':>8}"
     if floor:
         header += f"{'floor s':>9}{'step/floor':>12}"
