@@ -73,7 +73,9 @@ def test_fewer_rows_than_packed_for():
 def test_supported_only_for_plain_float32_llama():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    assert fast_decode_supported(_llama()) == (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    from groupwise.rollout.packed_linear import onednn_linear_available
+
+    assert fast_decode_supported(_llama()) == onednn_linear_available()
     assert not fast_decode_supported(_llama().double())
     assert not fast_decode_supported(_llama(hidden_act="gelu"))
     qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,

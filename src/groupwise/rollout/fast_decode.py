@@ -22,10 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _linear_ops_available() -> bool:
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+from groupwise.rollout.packed_linear import onednn_linear_available
 
 
 def fast_decode_supported(model: torch.nn.Module) -> bool:
@@ -36,7 +33,7 @@ def fast_decode_supported(model: torch.nn.Module) -> bool:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = getattr(base, "model", None), base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if type(decoder) is not LlamaModel or type(head) is not torch.nn.Linear or not _linear_ops_available():
+    if type(decoder) is not LlamaModel or type(head) is not torch.nn.Linear or not onednn_linear_available():
         return False
     params = list(base.parameters())
     if not params or any(type(p) is not torch.nn.Parameter or p.device.type != "cpu" or p.dtype != torch.float32 for p in params):

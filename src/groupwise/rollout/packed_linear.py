@@ -25,12 +25,16 @@ import torch
 import torch.nn.functional as F
 
 
-def packed_matmul_available(model: torch.nn.Module) -> bool:
-    """fp32 CPU weights, oneDNN in this torch build, and its prepacked-linear ops registered."""
-    param = next(model.parameters(), None)
-    return (param is not None and param.device.type == "cpu" and param.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def onednn_linear_available() -> bool:
+    """oneDNN in this torch build, with its prepacked-linear ops registered."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def packed_matmul_available(model: torch.nn.Module) -> bool:
+    """fp32 CPU weights and `onednn_linear_available()`."""
+    param = next(model.parameters(), None)
+    return param is not None and param.device.type == "cpu" and param.dtype == torch.float32 and onednn_linear_available()
 
 
 def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor):
