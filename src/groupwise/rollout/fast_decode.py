@@ -10,7 +10,7 @@ This step computes the same function with about 20 operations per layer:
   once per generation round for oneDNN's inner-product primitive (see `packed_linear`);
 * rotary embedding is applied to q and k together: `x·cos + roll(x, D/2)·sin±`, where `sin±` is
   sin with its first half negated (so `roll(x, D/2)·sin± = rotate_half(x)·sin`);
-* attention writes the step's key/value into the slot cache and attends like `slot_attention`.
+* attention is `slot_attention`'s decode path (writes the step's key/value into the slot cache).
 
 Used for float32 weights on the CPU when the decoder is exactly transformers' `LlamaModel` with
 plain `nn.Linear` projections (no adapters) and SiLU MLPs; otherwise the engine runs the model's
@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from groupwise.rollout.packed_linear import onednn_linear_available
+from groupwise.rollout.packed_linear import onednn_linear_available, prepack_weight, prepacked_linear
+from groupwise.rollout.slot_cache import slot_attention
 
 
 def fast_decode_supported(model: torch.nn.Module) -> bool:
@@ -56,14 +57,14 @@ class _Packed:
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], rows: int):
         w = weights[0] if len(weights) == 1 else torch.cat(weights)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        self.weight = prepack_weight(w, rows)
         if all(b is None for b in biases):
             self.bias = None
         else:
             self.bias = torch.cat([b if b is not None else w_.new_zeros(w_.shape[0]) for b, w_ in zip(biases, weights)])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return prepacked_linear(x, self.weight, self.bias)
 
 
 class LlamaFastDecoder:
@@ -81,7 +82,7 @@ class LlamaFastDecoder:
             for layer in self.decoder.layers:
                 a, m = layer.self_attn, layer.mlp
                 self.layers.append((
-                    layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon,
+                    a, layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon,
                     _Packed([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], rows),
                     _Packed([a.o_proj.weight], [a.o_proj.bias], rows),
                     layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.variance_epsilon,
@@ -100,18 +101,12 @@ class LlamaFastDecoder:
         x = self.decoder.embed_tokens(tokens)                                   # [r, hidden]
         cos, sin = self.decoder.rotary_emb(x[:, None], positions[:, None])      # [r, 1, d]
         sin_signed = torch.cat((-sin[..., : d // 2], sin[..., d // 2:]), dim=-1)
-        rows = torch.arange(r, device=tokens.device)
-        index = cache.lens[:r]
-        width, mask = cache._width, cache._mask
-        for layer_idx, (w_in, eps_in, qkv_proj, o_proj, w_post, eps_post, gate_up, down) in enumerate(self.layers):
+        for attn_module, w_in, eps_in, qkv_proj, o_proj, w_post, eps_post, gate_up, down in self.layers:
             qkv = qkv_proj(torch.rms_norm(x, (x.shape[-1],), w_in, eps_in)).view(r, h + 2 * kv, d)
             qk = qkv[:, : h + kv]
             qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin_signed)    # rotary on q and k at once
-            k_store, v_store = cache.keys[layer_idx], cache.values[layer_idx]
-            k_store[rows, :, index] = qk[:, h:]
-            v_store[rows, :, index] = qkv[:, h + kv:]
-            attn = F.scaled_dot_product_attention(qk[:, :h, None], k_store[:r, :, :width], v_store[:r, :, :width], attn_mask=mask,
-                                                  scale=self.scaling, enable_gqa=kv != h)   # [r, h, 1, d]
+            attn, _ = slot_attention(attn_module, qk[:, :h, None], qk[:, h:, None], qkv[:, h + kv:, None], None,
+                                     scaling=self.scaling, slot_cache=cache)   # writes k, v into the cache; [r, 1, h, d]
             x = x + o_proj(attn.reshape(r, h * d))
             gu = gate_up(torch.rms_norm(x, (x.shape[-1],), w_post, eps_post))
             x = x + down(F.silu(gu[:, : self.intermediate]).mul_(gu[:, self.intermediate:]))

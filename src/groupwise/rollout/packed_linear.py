@@ -37,6 +37,16 @@ def packed_matmul_available(model: torch.nn.Module) -> bool:
     return param is not None and param.device.type == "cpu" and param.dtype == torch.float32 and onednn_linear_available()
 
 
+def prepack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` `[out, in]` reordered for oneDNN's inner product at about `rows` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+
+def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x Wᵀ + b` for a 2-D float32 `x` and a weight from `prepack_weight` (no gradient)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor):
     weight, bias = module.weight, module.bias
 
@@ -44,7 +54,7 @@ def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor):
         if x.dtype != torch.float32 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             return F.linear(x, weight, bias)   # the packed op records no gradient
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+        out = prepacked_linear(flat, packed, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     return forward
@@ -62,7 +72,7 @@ def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[int]:
     try:
         with torch.no_grad():
             for m in layers:
-                packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+                packed = prepack_weight(m.weight, rows)
                 m.forward = _packed_forward(m, packed)   # an instance attribute shadows Linear.forward
         yield len(layers)
     finally:
