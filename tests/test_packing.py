@@ -44,13 +44,16 @@ def builtin():
     return AutoModelForCausalLM.from_pretrained(str(builtin_model_dir()), attn_implementation="sdpa")
 
 
-def grouped_batch(seed, vocab, prompt_lens, g, tc, empty_completion=True):
-    """Groups of g rows sharing a left-padded prompt, right-padded completions of varied length."""
+def grouped_batch(seed, vocab, prompt_lens, g, tc, empty_completion=True, common=0):
+    """Groups of g rows sharing a left-padded prompt, right-padded completions of varied length.
+    The first `common` tokens of every prompt are the same (a system prompt)."""
     gen = torch.Generator().manual_seed(seed)
     tp = max(prompt_lens)
+    system = torch.randint(1, vocab, (common,), generator=gen)
     rows, masks = [], []
     for plen in prompt_lens:
         prompt = torch.randint(1, vocab, (plen,), generator=gen)
+        prompt[: min(common, plen)] = system[:plen]
         for _ in range(g):
             clen = int(torch.randint(1, tc + 1, (1,), generator=gen))
             comp = torch.randint(1, vocab, (clen,), generator=gen)
@@ -112,6 +115,26 @@ def test_split_group_and_reordered_rows_still_match():
     torch.testing.assert_close(lp, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("make_model", [llama, qwen2, builtin], ids=["llama", "qwen2", "builtin"])
+@pytest.mark.parametrize("prompt_lens, common, root", [
+    ([7, 3, 5], 2, 2),        # a system prompt shorter than every prompt
+    ([6, 4, 9], 6, 3),        # the shortest prompt is all system prompt: the root leaves it its last token
+], ids=["short-system-prompt", "prompt-within-system-prompt"])
+def test_common_root_equals_per_sequence_logprobs_and_every_gradient(make_model, prompt_lens, common, root):
+    model = make_model()
+    ids, am, cmask, gid = grouped_batch(3, model.config.vocab_size, prompt_lens=prompt_lens, g=3, tc=5, common=common)
+    lay = build_layout(ids, am, 5, gid, share_prefix=True)
+    assert lay.root_len == root
+    assert lay.num_tokens == root + sum(n - root for n in prompt_lens) + int(am[:, -5:].sum())
+    ref_lp, ref_ent, ref_grads = logprobs_and_grads(model, ids, am, cmask, gid, "padded")
+    lp, ent, grads = logprobs_and_grads(model, ids, am, cmask, gid, "shared_prefix")
+    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_a_wrong_layout_would_be_caught(monkeypatch):
     # Guard against a vacuous comparison: restarting completion positions one token late, or
     # letting completions see each other, changes the log-probs well beyond the tolerance.
@@ -139,16 +162,47 @@ def test_a_wrong_layout_would_be_caught(monkeypatch):
 
         monkeypatch.setattr(logprobs_mod, "build_layout", leaky)
         leaked, _ = completion_logprobs(model, ids, am, cmask, layout="shared_prefix", group_id=gid)
+        rooted = grouped_batch(7, 61, prompt_lens=[5, 4], g=3, tc=5, common=3)
+        rooted_ref, _ = completion_logprobs(model, *rooted[:3], layout="padded")
+
+        def rootless(*args, **kwargs):   # the root hidden from completions
+            lay = packing.build_layout(*args, **kwargs)
+            assert lay.root_len == 3
+            lay.completion_mask = lay.completion_mask.clone()
+            lay.completion_mask[..., : lay.root_len] = False
+            return lay
+
+        monkeypatch.setattr(logprobs_mod, "build_layout", rootless)
+        unrooted, _ = completion_logprobs(model, *rooted[:3], layout="shared_prefix", group_id=rooted[3])
     assert (moved - ref).abs().max() > 1e-4
     assert (leaked - ref).abs().max() > 1e-4
+    assert (unrooted - rooted_ref).abs().max() > 1e-4
+
+
+def common_root_reference(prompts: list[list[int]]) -> int:
+    """The leading tokens all (distinct) prompts share, at most the shortest length − 1."""
+    if len(prompts) < 2:
+        return 0
+    r = 0
+    while r < min(map(len, prompts)) - 1 and len({p[r] for p in prompts}) == 1:
+        r += 1
+    return r
+
+
+def group_prompts(ids, am, gid, tc):
+    tp = ids.shape[1] - tc
+    firsts = [int((gid == g).nonzero()[0]) for g in gid.unique()]
+    return [ids[i, :tp][am[i, :tp].bool()].tolist() for i in firsts]
 
 
 def test_shared_layout_encodes_each_prompt_once():
-    ids, am, cmask, gid = grouped_batch(0, 61, prompt_lens=[7, 3], g=4, tc=6)
+    ids, am, cmask, gid = grouped_batch(1, 61, prompt_lens=[7, 3], g=4, tc=6)
+    assert common_root_reference(group_prompts(ids, am, gid, 6)) == 0
     tp = ids.shape[1] - 6
     shared = build_layout(ids, am, 6, gid, share_prefix=True)
     packed = build_layout(ids, am, 6, gid, share_prefix=False)
     completion_tokens = int(am[:, tp:].sum())
+    assert shared.root_len == 0 and shared.block_mask is None
     assert shared.num_tokens == 7 + 3 + completion_tokens
     assert packed.num_tokens == int(am.sum())          # every real token once, no padding
     assert packed.num_tokens == 4 * (7 + 3) + completion_tokens
@@ -167,20 +221,25 @@ def test_rows_with_one_group_id_and_different_prompts_are_refused():
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_layout_properties(data):
-    """Every real token appears once in the packed row, at its own position, and maps back to a slot."""
+    """Every real token appears once in the packed row (a prefix common to all prompts once), at
+    its own position, and maps back to a slot."""
     n_groups = data.draw(st.integers(1, 4))
     g = data.draw(st.integers(1, 4))
     prompt_lens = [data.draw(st.integers(1, 6)) for _ in range(n_groups)]
     tc = data.draw(st.integers(1, 5))
     share = data.draw(st.booleans())
-    ids, am, cmask, gid = grouped_batch(data.draw(st.integers(0, 10_000)), 50, prompt_lens, g, tc, empty_completion=False)
+    common = data.draw(st.integers(0, 6))
+    ids, am, cmask, gid = grouped_batch(data.draw(st.integers(0, 10_000)), 50, prompt_lens, g, tc, empty_completion=False,
+                                        common=common)
     tp = ids.shape[1] - tc
     lay = build_layout(ids, am, tc, gid, share_prefix=share)
-    expected = sum(prompt_lens) + int(am[:, tp:].sum()) if share else int(am.sum())
+    root = common_root_reference(group_prompts(ids, am, gid, tc)) if share else 0
+    assert lay.root_len == root
+    expected = root + sum(n - root for n in prompt_lens) + int(am[:, tp:].sum()) if share else int(am.sum())
     assert lay.num_tokens == expected
     # the scatter index is injective and lands on valid slots only
     completion_valid = torch.arange(lay.completion_index.shape[1]) < am[:, tp:].sum(1)[:, None]
-    slots = torch.cat([lay.block_valid.flatten(), completion_valid.flatten()])
+    slots = torch.cat([torch.ones(lay.root_len, dtype=torch.bool), lay.block_valid.flatten(), completion_valid.flatten()])
     assert len(set(lay.scatter_index.tolist())) == lay.num_tokens
     assert bool(slots[lay.scatter_index].all())
     # each completion token's predictor is the token just before it in its own sequence

@@ -38,7 +38,7 @@ class ModelConfig(_Section):
     attn_implementation: Literal["sdpa", "eager"] | None = Field(None, description="transformers attention kernel; default: the model's own choice")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, about one more forward of compute")
     padding_free: bool = Field(False, description="log-probs and the update run on one packed row per micro-batch: no pad tokens (groupwise.model.packing)")
-    shared_prefix: bool = Field(False, description="Prefix Grouper: each group's prompt is encoded once in the update and the old/reference log-probs (implies padding_free)")
+    shared_prefix: bool = Field(False, description="Prefix Grouper: each group's prompt is encoded once in the update and the old/reference log-probs, and the prefix all of a micro-batch's prompts share (e.g. a system prompt) once per micro-batch (implies padding_free)")
     keep_head_probs_mb: float = Field(512.0, ge=0.0, description="in the update, keep the LM head's softmax over a micro-batch's completion tokens (tokens × vocab × 4 bytes) for the backward pass when it takes at most this many MiB, instead of recomputing the logits (one head matmul fewer); 0 = always recompute")
     lora: LoraConfig = LoraConfig()
     check_memory: bool = Field(True, description="before loading the model, estimate its per-device memory (groupwise.memory_plan, as `groupwise plan` prints) and refuse a run that cannot fit; false = skip the check")

@@ -17,6 +17,19 @@ whole prompt and causally to itself; position ids restart after the prompt (p, p
 hidden state equals the per-sequence layout's up to floating-point rounding. Linear layers (most
 of the FLOPs) see each prompt once and no padding; attention pads only inside its own blocks.
 
+Prompts of different groups often begin alike: a chat template's system prompt is the same for
+every question (24 of SmolLM2's ~36 prompt tokens on the arithmetic task). The longest prefix
+common to all the micro-batch's prompts becomes a root segment R, encoded once, and each prompt
+block keeps only its own suffix:
+
+    [ R | suffix_1 | suffix_2 | … | c_11 | … ]
+    root:             softmax(q_R k_Rᵀ / √d + causal) v_R
+    suffix block b:   softmax(q_b [k_R; k_b]ᵀ / √d + [0; causal]) [v_R; v_b]
+    completion i:     softmax(q_i [k_R; k_b(i); k_i]ᵀ / √d + [0; 0; causal]) [v_R; v_b(i); v_i]
+
+The root is kept at least one token shorter than every prompt, so each block still holds the
+prompt's last token (it predicts the first completion token).
+
 With sharing off (`share_prefix=False`) every row is its own block `[prompt_i, c_i]`: that is the
 plain padding-free (packed) layout, with no completion blocks.
 
@@ -49,9 +62,11 @@ class PackedLayout:
     block_valid: torch.Tensor        # [B, Lb] bool
     completion_index: torch.Tensor   # [N, Lc] flat index of each completion slot (Lc may be 0)
     completion_block: torch.Tensor   # [N] the prefix block each completion reads
-    completion_mask: torch.Tensor    # [N, 1, Lc, Lb + Lc] bool: whole prefix, causal self
-    scatter_index: torch.Tensor      # [F] slot of each flat token in cat(block slots, completion slots)
+    completion_mask: torch.Tensor    # [N, 1, Lc, R + Lb + Lc] bool: root, whole block, causal self
+    scatter_index: torch.Tensor      # [F] slot of each flat token in cat(root, block slots, completion slots)
     predictor_index: torch.Tensor    # [N, Tc] flat index of the hidden state predicting completion token (i, t)
+    root_len: int = 0                # R: flat tokens 0 … R−1 are the prefix common to every block
+    block_mask: torch.Tensor | None = None   # [B, 1, Lb, R + Lb] bool when R > 0: root, causal within the block
 
     @property
     def num_tokens(self) -> int:
@@ -105,27 +120,44 @@ def build_layout(
     start = (tp - p_len[leader])[:, None]
     src = (start + slot).clamp(max=width - 1)
     block_ids = input_ids[leader].gather(1, src)
+    root = common_root_length(block_ids, block_len) if share_prefix else 0
+    if root:   # blocks keep their suffixes after the root: slot s of block b is its token R + s
+        block_len = block_len - root
+        lb = int(block_len.max())
+        slot = torch.arange(lb, device=device)
+        block_valid = slot < block_len[:, None]
+        root_ids = block_ids[0, :root]
+        block_ids = block_ids.gather(1, (root + slot).clamp(max=block_ids.shape[1] - 1).expand(len(block_len), -1))
     lc = int(comp_len.max()) if n else 0
     cslot = torch.arange(lc, device=device)
     comp_valid = cslot < comp_len[:, None]
     comp_ids = input_ids[:, tp : tp + lc]
 
-    block_offset = torch.cumsum(block_len, 0) - block_len
-    total_prefix = int(block_len.sum())
+    block_offset = root + torch.cumsum(block_len, 0) - block_len
+    total_prefix = root + int(block_len.sum())
     comp_offset = total_prefix + torch.cumsum(comp_len, 0) - comp_len
     block_index = torch.where(block_valid, block_offset[:, None] + slot, 0)
     completion_index = torch.where(comp_valid, comp_offset[:, None] + cslot, 0)
 
     flat_ids = torch.cat([block_ids[block_valid], comp_ids[comp_valid]])
-    positions = torch.cat([slot.expand_as(block_valid)[block_valid], (p_len[:, None] + cslot)[comp_valid]])
+    positions = torch.cat([(root + slot).expand_as(block_valid)[block_valid], (p_len[:, None] + cslot)[comp_valid]])
     scatter_index = torch.cat([
         torch.arange(block_valid.numel(), device=device)[block_valid.flatten()],
         block_valid.numel() + torch.arange(comp_valid.numel(), device=device)[comp_valid.flatten()],
     ])
+    block_mask = None
+    if root:   # the root comes first in the flat row and in the attention outputs
+        flat_ids = torch.cat([root_ids, flat_ids])
+        positions = torch.cat([torch.arange(root, device=device), positions])
+        scatter_index = torch.cat([torch.arange(root, device=device), root + scatter_index])
+        causal_b = torch.ones(lb, lb, dtype=torch.bool, device=device).tril()
+        block_mask = torch.cat([torch.ones(1, 1, lb, root, dtype=torch.bool, device=device), causal_b[None, None]], dim=-1)
+        block_mask = block_mask.expand(len(block_len), 1, lb, root + lb)
 
-    # A completion slot sees its block's valid slots and, causally, its own earlier slots.
+    # A completion slot sees the root, its block's valid slots and, causally, its own earlier slots.
     causal = torch.ones(lc, lc, dtype=torch.bool, device=device).tril()
     completion_mask = torch.cat([
+        torch.ones(n, 1, lc, root, dtype=torch.bool, device=device),
         block_valid[row_block][:, None, None, :].expand(n, 1, lc, lb),
         causal.expand(n, 1, lc, lc),
     ], dim=-1)
@@ -133,7 +165,7 @@ def build_layout(
     # The hidden state at flat index f predicts the token after it in its sequence.
     t = torch.arange(completion_width, device=device)
     if share_prefix:
-        last_prompt = block_offset[row_block] + p_len - 1
+        last_prompt = block_offset[row_block] + p_len - root - 1
         prev_completion = comp_offset[:, None] + t - 1
         predictor = torch.where(t == 0, last_prompt[:, None], prev_completion)
     else:
@@ -150,7 +182,21 @@ def build_layout(
         completion_mask=completion_mask,
         scatter_index=scatter_index,
         predictor_index=predictor,
+        root_len=root,
+        block_mask=block_mask,
     )
+
+
+def common_root_length(block_ids: torch.Tensor, block_len: torch.Tensor) -> int:
+    """The number of leading tokens all blocks share, kept below every block's length (so each
+    block keeps its last token); 0 for fewer than two blocks. `block_ids` `[B, Lb]` left-aligned."""
+    if block_ids.shape[0] < 2:
+        return 0
+    limit = int(block_len.min()) - 1
+    if limit <= 0:
+        return 0
+    same = (block_ids[:, :limit] == block_ids[:1, :limit]).all(0)
+    return int(same.long().cumprod(0).sum())
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -170,9 +216,18 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         return x.index_select(1, index.flatten()).view(x.shape[0], r, length, x.shape[-1]).transpose(0, 1)
 
     qb, kb, vb = blocks(q, lay.block_index), blocks(k, lay.block_index), blocks(v, lay.block_index)
-    # Right-padded blocks: plain causal attention never lets a real query see a padded key.
-    out_b = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scaling, enable_gqa=gqa)
-    pieces = [out_b.transpose(1, 2).reshape(-1, q.shape[0], q.shape[-1])]
+    pieces = []
+    if lay.root_len:   # the root attends causally to itself; every block reads it before its own slots
+        r = lay.root_len
+        qr, kr, vr = q[None, :, :r], k[None, :, :r], v[None, :, :r]
+        out_r = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, scale=scaling, enable_gqa=gqa)
+        pieces.append(out_r[0].transpose(0, 1))
+        kb = torch.cat([kr.expand(kb.shape[0], -1, -1, -1), kb], dim=2)
+        vb = torch.cat([vr.expand(vb.shape[0], -1, -1, -1), vb], dim=2)
+        out_b = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=lay.block_mask, scale=scaling, enable_gqa=gqa)
+    else:   # right-padded blocks: plain causal attention never lets a real query see a padded key
+        out_b = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scaling, enable_gqa=gqa)
+    pieces.append(out_b.transpose(1, 2).reshape(-1, q.shape[0], q.shape[-1]))
     if lay.completion_index.shape[1] > 0:
         qc, kc, vc = blocks(q, lay.completion_index), blocks(k, lay.completion_index), blocks(v, lay.completion_index)
         keys = torch.cat([kb[lay.completion_block], kc], dim=2)
