@@ -176,3 +176,25 @@ def test_slot_cache_and_dynamic_cache_paths_agree(engine, schedule):
     assert slot._use_slots is True
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.finished, b.finished)
     torch.testing.assert_close(a.sampling_logprobs, b.sampling_logprobs, atol=1e-5, rtol=0)
+
+
+def test_prefill_of_prompts_with_a_shared_prefix_equals_each_prompts_own_forward(engine):
+    """The packed prefill (a shared system prompt encoded once, no padding) gives each prompt the
+    keys/values and next-token logits of running that prompt alone through the model."""
+    from transformers import DynamicCache
+
+    from groupwise.rollout.hf import _cache_layers
+
+    eng, prompts = engine
+    rows = eng.tokenize_prompts([p.text for p in prompts[:3]])
+    system = rows[0][:4] + rows[1][:3]                  # a 7-token "system prompt" before each question
+    shared = [system + r for r in rows[:2]] + [system + rows[2][:1]]   # prompt lengths differ
+    keys, values, logits = eng._prefill_slots(shared, torch.device("cpu"))
+    with torch.no_grad():
+        for j, p in enumerate(shared):
+            out = eng.model(input_ids=torch.tensor([p]), past_key_values=DynamicCache(config=eng.model.config), use_cache=True)
+            torch.testing.assert_close(logits[j], out.logits[0, -1], atol=1e-5, rtol=1e-5)
+            for i, layer in enumerate(_cache_layers(out.past_key_values)):
+                torch.testing.assert_close(keys[i, j, :, : len(p)], layer.keys[0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(values[i, j, :, : len(p)], layer.values[0], atol=1e-5, rtol=1e-5)
+    assert logits.abs().max() > 1 and keys[:, :, :, len(system):].abs().max() > 0.1   # not vacuous

@@ -200,13 +200,16 @@ def common_root_length(block_ids: torch.Tensor, block_len: torch.Tensor) -> int:
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                     packed_layout: PackedLayout | None = None, **kwargs):
+                     packed_layout: PackedLayout | None = None, kv_sink: list | None = None, **kwargs):
     """transformers attention function for a `PackedLayout` (see the module docstring).
 
-    query `[1, H, F, D]`, key/value `[1, Hkv, F, D]`; returns `([1, F, H, D], None)`.
+    query `[1, H, F, D]`, key/value `[1, Hkv, F, D]`; returns `([1, F, H, D], None)`. With
+    `kv_sink` (a list) each layer appends its `(key, value)`: a prefill keeps them as its KV cache.
     """
     if packed_layout is None:
         raise RuntimeError("packed_attention called without a packed_layout (use model.packing.packed_forward)")
+    if kv_sink is not None:
+        kv_sink.append((key, value))
     lay = packed_layout
     gqa = key.shape[1] != query.shape[1]
     q, k, v = query[0], key[0], value[0]                        # [H, F, D]
@@ -290,11 +293,12 @@ def _attention_implementation(model: torch.nn.Module, name: str):
             c._attn_implementation = saved[k]
 
 
-def packed_hidden_states(decoder: torch.nn.Module, layout: PackedLayout) -> torch.Tensor:
-    """The decoder's last hidden states `[F, H]` for the packed row."""
+def packed_hidden_states(decoder: torch.nn.Module, layout: PackedLayout, kv_sink: list | None = None) -> torch.Tensor:
+    """The decoder's last hidden states `[F, H]` for the packed row; `kv_sink`: see `packed_attention`."""
     _register()
     # A ready-made 4D mask makes transformers skip building an [F, F] one; packed_attention ignores it.
     dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=layout.input_ids.device)
+    extra = {"kv_sink": kv_sink} if kv_sink is not None else {}
     with _attention_implementation(decoder, ATTENTION_NAME):
         out = decoder(
             input_ids=layout.input_ids,
@@ -302,5 +306,6 @@ def packed_hidden_states(decoder: torch.nn.Module, layout: PackedLayout) -> torc
             attention_mask=dummy_mask,
             use_cache=False,
             packed_layout=layout,
+            **extra,
         )
     return out.last_hidden_state[0]

@@ -242,21 +242,24 @@ class HFRolloutEngine:
         return nxt, logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
 
     def _prefill_slots(self, prompts: list[list[int]], device: torch.device):
-        """Prefill distinct prompts (right-padded) with slot attention: their stacked keys/values
-        `[layers, B, kv_heads, P, D]` and the logits after each prompt's last token."""
-        from groupwise.rollout.slot_cache import SlotKVCache, slot_forward
+        """Prefill distinct prompts as one packed row (`model.packing`'s shared-prefix layout: no
+        padding, and a prefix all of them share, such as a chat template's system prompt, encoded
+        once): their keys/values `[layers, B, kv_heads, P, D]` (slots past a prompt's own length
+        are filler) and the logits after each prompt's last token."""
+        from groupwise.model.packing import build_layout, packed_hidden_states
 
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        ids = ids.to(device)
-        capture = SlotKVCache.prefill_capture()
-        positions = torch.arange(width, device=device).expand(len(prompts), -1)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-        logits = slot_forward(self.model, ids, positions, capture, last)
-        keys = torch.stack([k for k, _ in capture.prefill_kv])
-        values = torch.stack([v for _, v in capture.prefill_kv])
+        b = len(prompts)
+        ids, attn = _left_pad(prompts, self.pad_id, device)
+        layout = build_layout(ids, attn, 0, torch.arange(b, device=device), share_prefix=True)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        hidden = packed_hidden_states(base.get_decoder(), layout, kv_sink=kv)
+        rows = torch.arange(b, device=device)
+        logits = base.get_output_embeddings()(hidden[layout.block_index[rows, layout.block_valid.sum(1) - 1]])
+        root = layout.root_len   # prompt j's tokens: the root, then its block
+        index = torch.cat([torch.arange(root, device=device).expand(b, root), layout.block_index], dim=1)
+        keys = torch.stack([k[0][:, index] for k, _ in kv]).transpose(1, 2)        # [layers, B, kv, P, D]
+        values = torch.stack([v[0][:, index] for _, v in kv]).transpose(1, 2)
         return keys, values, logits
 
     def _decode_slots(self, rows, order, params: SamplingParams, seed: int, slots: int, device: torch.device):

@@ -28,17 +28,8 @@ class SlotKVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.lens = torch.zeros(slots, dtype=torch.long, device=device)
         self.active = 0                      # slots 0 … active−1 are in use
-        self.mode = "decode"
-        self.prefill_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mask: torch.Tensor | None = None
         self._width = 0
-
-    @classmethod
-    def prefill_capture(cls) -> "SlotKVCache":
-        """A storage-less cache for a prefill pass: `slot_attention` appends each layer's keys/values."""
-        cache = cls(0, 0, 0, 0, 0, torch.float32, "cpu")
-        cache.mode = "prefill"
-        return cache
 
     def begin_decode(self) -> None:
         """Before a decode forward: the write index of each active slot and the mask it implies."""
@@ -62,15 +53,11 @@ class SlotKVCache:
 
 def slot_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                    slot_cache: SlotKVCache | None = None, **kwargs):
-    """Prefill: causal attention over right-padded prompts, keeping their keys/values.
-    Decode: write this step's key/value into each active slot, attend over the slot's tokens."""
+    """A decode step: write this step's key/value into each active slot, attend over the slot's
+    tokens. (Prompts are prefilled in a packed row by `model.packing`, which returns their keys/values.)"""
     if slot_cache is None:
         raise RuntimeError("slot_attention called without a slot_cache")
     gqa = key.shape[1] != query.shape[1]
-    if slot_cache.mode == "prefill":
-        slot_cache.prefill_kv.append((key, value))
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
-        return out.transpose(1, 2), None
     layer = module.layer_idx
     r = query.shape[0]
     rows = torch.arange(r, device=query.device)
