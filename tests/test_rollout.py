@@ -198,3 +198,38 @@ def test_prefill_of_prompts_with_a_shared_prefix_equals_each_prompts_own_forward
                 torch.testing.assert_close(keys[i, j, :, : len(p)], layer.keys[0], atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(values[i, j, :, : len(p)], layer.values[0], atol=1e-5, rtol=1e-5)
     assert logits.abs().max() > 1 and keys[:, :, :, len(system):].abs().max() > 0.1   # not vacuous
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(6, 2), (4, 4), (3, 1)], ids=["gqa", "mha", "mqa"])
+def test_slot_attention_equals_per_row_softmax_attention(heads, kv_heads):
+    """The decode step's attention, row by row by hand: write the new key/value at index lens[r],
+    then softmax(q kᵀ · scale) v over that slot's tokens 0 … lens[r], query head i reading kv head
+    i // (heads / kv_heads)."""
+    from types import SimpleNamespace
+
+    from groupwise.rollout.slot_cache import SlotKVCache, slot_attention
+
+    g = torch.Generator().manual_seed(0)
+    rows, d, layer = 4, 8, 1
+    cache = SlotKVCache(2, rows + 1, 12, kv_heads, d, torch.float32, "cpu")
+    cache.keys.normal_(generator=g)
+    cache.values.normal_(generator=g)
+    cache.active = rows
+    cache.lens[:rows] = torch.tensor([3, 0, 10, 6])
+    cache.begin_decode()
+    before = cache.keys.clone()
+    q = torch.randn(rows, heads, 1, d, generator=g)
+    k, v = torch.randn(rows, kv_heads, 1, d, generator=g), torch.randn(rows, kv_heads, 1, d, generator=g)
+    out, _ = slot_attention(SimpleNamespace(layer_idx=layer), q, k, v, None, scaling=0.3, slot_cache=cache)
+    assert out.shape == (rows, 1, heads, d)
+    for r in range(rows):
+        n = int(cache.lens[r])
+        torch.testing.assert_close(cache.keys[layer, r, :, n], k[r, :, 0])
+        torch.testing.assert_close(cache.values[layer, r, :, n], v[r, :, 0])
+        for i in range(heads):
+            j = i // (heads // kv_heads)
+            keys, values = cache.keys[layer, r, j, : n + 1], cache.values[layer, r, j, : n + 1]
+            p = torch.softmax(keys @ q[r, i, 0] * 0.3, dim=0)
+            torch.testing.assert_close(out[r, 0, i], p @ values, atol=1e-6, rtol=1e-5)
+    changed = (cache.keys != before).nonzero()[:, :2].unique(dim=0).tolist()
+    assert changed == [[layer, r] for r in range(rows)]      # only this layer's active slots were written

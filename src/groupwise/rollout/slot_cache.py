@@ -8,13 +8,17 @@ indices. A decode step writes each slot's new key/value at index lens[r] and att
 `[:, :, :width]` (a view, no copy) with the mask j ≤ lens[r]. The active slots are always the first
 R (a finished slot is refilled from the last one), so the batch never carries idle rows.
 
+The attention itself is two batched products and a softmax over `[R · kv_heads]` small matrices,
+with the step's additive mask built once for all layers: on a 2-core CPU at 32 rows × 9 heads
+this takes 0.59–0.97 ms a layer where `scaled_dot_product_attention` (with its boolean mask
+converted per call) takes 0.65–1.09 ms (SmolLM2-135M's shapes, 40–100 cached tokens).
+
 The attention function is registered with transformers' AttentionInterface, so it works for the
 models `groupwise.model.packing.unsupported_reason` accepts (the same conditions).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from groupwise.model.packing import _attention_implementation
 
@@ -28,14 +32,17 @@ class SlotKVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.lens = torch.zeros(slots, dtype=torch.long, device=device)
         self.active = 0                      # slots 0 … active−1 are in use
-        self._mask: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None   # [active, width] 0 where a slot's token is visible, −inf after
+        self._rows: torch.Tensor | None = None
         self._width = 0
 
     def begin_decode(self) -> None:
         """Before a decode forward: the write index of each active slot and the mask it implies."""
         lens = self.lens[: self.active]
         self._width = int(lens.max()) + 1
-        self._mask = (torch.arange(self._width, device=lens.device) <= lens[:, None])[:, None, None, :]
+        visible = torch.arange(self._width, device=lens.device) <= lens[:, None]
+        self._bias = torch.zeros(visible.shape, dtype=torch.float32, device=lens.device).masked_fill_(~visible, float("-inf"))
+        self._rows = torch.arange(self.active, device=lens.device)
 
     def put(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write a prompt's `[layers, kv_heads, P, head_dim]` keys/values into `slot`."""
@@ -57,18 +64,21 @@ def slot_attention(module, query, key, value, attention_mask, dropout: float = 0
     tokens. (Prompts are prefilled in a packed row by `model.packing`, which returns their keys/values.)"""
     if slot_cache is None:
         raise RuntimeError("slot_attention called without a slot_cache")
-    gqa = key.shape[1] != query.shape[1]
-    layer = module.layer_idx
-    r = query.shape[0]
-    rows = torch.arange(r, device=query.device)
-    index = slot_cache.lens[:r]
-    k_store, v_store = slot_cache.keys[layer], slot_cache.values[layer]
+    r, heads, _, d = query.shape                  # [R, H, 1, D]; key/value [R, kv, 1, D]
+    kv = key.shape[1]
+    k_store, v_store = slot_cache.keys[module.layer_idx], slot_cache.values[module.layer_idx]
+    rows, index = slot_cache._rows, slot_cache.lens[:r]
     k_store[rows, :, index] = key[:, :, 0]
     v_store[rows, :, index] = value[:, :, 0]
     w = slot_cache._width
-    out = F.scaled_dot_product_attention(query, k_store[:r, :, :w], v_store[:r, :, :w], attn_mask=slot_cache._mask,
-                                         scale=scaling, enable_gqa=gqa)
-    return out.transpose(1, 2), None
+    keys = k_store[:r, :, :w].reshape(r * kv, w, d)   # a view: slots are whole [kv, capacity, D] blocks
+    values = v_store[:r, :, :w].reshape(r * kv, w, d)
+    # query head i reads kv head i // (H / kv): the H heads are kv groups of H / kv consecutive ones
+    scores = torch.bmm(query.reshape(r * kv, heads // kv, d), keys.transpose(1, 2)).view(r, heads, w)
+    scale = scaling if scaling is not None else d ** -0.5
+    probs = torch.softmax(torch.add(slot_cache._bias[:, None, :], scores.float(), alpha=scale), dim=-1)
+    out = torch.bmm(probs.to(values.dtype).view(r * kv, heads // kv, w), values)
+    return out.view(r, 1, heads, d), None
 
 
 def _register() -> None:
