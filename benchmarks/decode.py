@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py --model smollm2            # SmolLM2-135M, 8 prompts × 4 × 64 tokens
     python benchmarks/decode.py --model builtin --rounds 20
+    python benchmarks/decode.py --attention          # slot decode attention alone, vs SDPA
 
 Variants (`rollout.*` switches of the same engine, alternated round by round so a shared
 machine's drift falls on all of them alike):
@@ -10,6 +11,11 @@ machine's drift falls on all of them alike):
   oneDNN-prepacked weights: the default;
 - `packed`: the model's own forward with `packed_matmul` (oneDNN-prepacked linears);
 - `plain`: the model's own forward with plain `F.linear`.
+
+`--attention` times one layer's decode attention instead (SmolLM2-135M's shapes: 32 rows, 9 query
+and 3 key/value heads of 64, cached widths 40 / 70 / 100): `slot_cache.slot_attention` against
+the same cache write followed by `scaled_dot_product_attention` with a boolean mask made per
+call (what it replaced), median microseconds per call.
 
 Each round is one `engine.generate` of the step's prompts with a fresh seed after one unmeasured
 warm-up round per variant. Prints the median milliseconds per generated token of each variant and
@@ -34,6 +40,55 @@ VARIANTS = {
 }
 
 
+def attention_benchmark(repeats: int = 300) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from groupwise.rollout.slot_cache import SlotKVCache, slot_attention
+
+    rows, heads, kv, d, layers = 32, 9, 3, 64, 30
+
+    class Layer:
+        layer_idx = layers // 2
+
+    def sdpa_attention(q, k, v, cache):   # the cache write, then SDPA over the slots with a per-call boolean mask
+        r = q.shape[0]
+        ks, vs = cache.keys[Layer.layer_idx], cache.values[Layer.layer_idx]
+        index = cache.lens[:r]
+        ks[cache._rows, :, index] = k[:, :, 0]
+        vs[cache._rows, :, index] = v[:, :, 0]
+        w = cache._width
+        mask = (torch.arange(w) <= index[:, None])[:, None, None, :]
+        return F.scaled_dot_product_attention(q, ks[:r, :, :w], vs[:r, :, :w], attn_mask=mask, enable_gqa=True).transpose(1, 2)
+
+    def timed(fn) -> float:
+        samples = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            samples.append((time.perf_counter() - t0) / repeats * 1e6)
+        return statistics.median(samples)
+
+    torch.manual_seed(0)
+    out = {}
+    with torch.inference_mode():
+        for width in (40, 70, 100):
+            cache = SlotKVCache(layers, rows, width + 16, kv, d, torch.float32, "cpu")
+            cache.keys.normal_()
+            cache.values.normal_()
+            cache.active = rows
+            cache.lens[:rows] = torch.randint(width - 10, width, (rows,))
+            cache.begin_decode()
+            q, k, v = torch.randn(rows, heads, 1, d), torch.randn(rows, kv, 1, d), torch.randn(rows, kv, 1, d)
+            ours = slot_attention(Layer, q, k, v, None, slot_cache=cache)[0]
+            ref = sdpa_attention(q, k, v, cache)
+            assert torch.allclose(ours, ref, atol=1e-5), "slot_attention and SDPA disagree"
+            out[width] = {"slot_attention_us": timed(lambda: slot_attention(Layer, q, k, v, None, slot_cache=cache)),
+                          "sdpa_us": timed(lambda: sdpa_attention(q, k, v, cache))}
+    return out
+
+
 def main() -> None:
     import torch
 
@@ -48,13 +103,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds per variant")
     ap.add_argument("--variants", default="fast,packed,plain")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--attention", action="store_true", help="time one layer's slot decode attention against SDPA instead")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.attention:
+        res = attention_benchmark()
+        print(f"decode attention, 32 rows × 9 heads (3 kv) × 64, {torch.get_num_threads()} threads; median µs per layer call")
+        print(f"{'width':>6}{'slot_attention':>16}{'SDPA':>8}")
+        for width, r in res.items():
+            print(f"{width:>6}{r['slot_attention_us']:>16.0f}{r['sdpa_us']:>8.0f}")
+        print(json.dumps({"attention": res}))
+        return
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names or args.rounds < 1:
         raise SystemExit(f"--variants takes a comma list of {', '.join(VARIANTS)} (got {args.variants!r}); --rounds must be ≥ 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     from groupwise.config import load_config
     from groupwise.data.datasets import render_prompt

@@ -126,7 +126,8 @@ def _head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return z.div_(temperature) if temperature != 1.0 else z
 
 
-def _decoder_and_head(model: torch.nn.Module):
+def decoder_and_head(model: torch.nn.Module):
+    """The decoder stack and the LM head of a transformers causal LM (through a PEFT wrapper)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
 
@@ -160,7 +161,7 @@ def completion_logprobs(
     recomputed (one head matmul fewer); 0 = always recompute.
     Returns `(logp[N, Tc], entropy[N, Tc] or None)`.
     """
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     n, tc = completion_mask.shape
     targets = input_ids[:, -tc:]
     keep = completion_mask.bool()

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from groupwise.model.loading import ModelLoadError, resolve_model_path
-from groupwise.model.logprobs import _decoder_and_head, position_ids_from_mask
+from groupwise.model.logprobs import decoder_and_head, position_ids_from_mask
 from groupwise.rewards.text import completion_text
 from groupwise.rewards.contract import RewardContext, RewardError, RewardFn, register_reward
 
@@ -109,7 +109,7 @@ def self_certainty_scores(
                               f"prediction to score; give prompts of at least one token (e.g. a bos token)")
     if not todo:
         return out
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     device = _model_device(model)
     vocab_rows = decoder.get_input_embeddings().weight.shape[0]
     todo.sort(key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))

@@ -246,16 +246,17 @@ class HFRolloutEngine:
         padding, and a prefix all of them share, such as a chat template's system prompt, encoded
         once): their keys/values `[layers, B, kv_heads, P, D]` (slots past a prompt's own length
         are filler) and the logits after each prompt's last token."""
+        from groupwise.model.logprobs import decoder_and_head
         from groupwise.model.packing import build_layout, packed_hidden_states
 
         b = len(prompts)
         ids, attn = _left_pad(prompts, self.pad_id, device)
         layout = build_layout(ids, attn, 0, torch.arange(b, device=device), share_prefix=True)
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        decoder, head = decoder_and_head(self.model)
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        hidden = packed_hidden_states(base.get_decoder(), layout, kv_sink=kv)
+        hidden = packed_hidden_states(decoder, layout, kv_sink=kv)
         rows = torch.arange(b, device=device)
-        logits = base.get_output_embeddings()(hidden[layout.block_index[rows, layout.block_valid.sum(1) - 1]])
+        logits = head(hidden[layout.block_index[rows, layout.block_valid.sum(1) - 1]])
         root = layout.root_len   # prompt j's tokens: the root, then its block
         index = torch.cat([torch.arange(root, device=device).expand(b, root), layout.block_index], dim=1)
         keys = torch.stack([k[0][:, index] for k, _ in kv]).transpose(1, 2)        # [layers, B, kv, P, D]

@@ -9,9 +9,11 @@ indices. A decode step writes each slot's new key/value at index lens[r] and att
 R (a finished slot is refilled from the last one), so the batch never carries idle rows.
 
 The attention itself is two batched products and a softmax over `[R · kv_heads]` small matrices,
-with the step's additive mask built once for all layers: on a 2-core CPU at 32 rows × 9 heads
-this takes 0.59–0.97 ms a layer where `scaled_dot_product_attention` (with its boolean mask
-converted per call) takes 0.65–1.09 ms (SmolLM2-135M's shapes, 40–100 cached tokens).
+with the step's additive mask built once for all layers instead of a boolean mask converted by
+`scaled_dot_product_attention` in every layer. `python benchmarks/decode.py --attention`
+(SmolLM2-135M's shapes, 32 rows, 40–100 cached tokens, 2-core CPU) measured it 0–25% faster
+than SDPA, in 8 of 9 width × run measurements: a small gain on a decode step; most of either is
+per-matrix overhead of the tiny products.
 
 The attention function is registered with transformers' AttentionInterface, so it works for the
 models `groupwise.model.packing.unsupported_reason` accepts (the same conditions).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from groupwise.model.logprobs import decoder_and_head
 from groupwise.model.packing import _attention_implementation
 
 ATTENTION_NAME = "groupwise_slots"
@@ -90,8 +93,7 @@ def _register() -> None:
 def slot_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: SlotKVCache, last: torch.Tensor) -> torch.Tensor:
     """Run the decoder with `slot_attention` and return the logits at column `last[i]` of each row."""
     _register()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    decoder, head = decoder_and_head(model)
     dummy = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)   # skips transformers' mask building
     with _attention_implementation(decoder, ATTENTION_NAME):
         hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=dummy, use_cache=False,
