@@ -22,6 +22,7 @@ import pytest
 
 from groupwise.rewards import REWARDS, RewardError, RewardRunner, load_reward_function
 from groupwise.rewards import sandbox as sb
+from groupwise.rewards import sandbox_child
 from groupwise.rewards.code import extract_code, outputs_match, parse_tests
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox needs Linux")
@@ -392,7 +393,7 @@ def test_hostile_program_is_contained(name, tmp_path, listener, monkeypatch, bat
     secret_file = tmp_path / "secret.txt"
     secret_file.write_text("secret")
     secret_file.chmod(0o600)
-    hidden_ok = ", ".join(repr(p.split("/")[2]) for p in sum(sb._hidden_interpreter_paths().values(), [])
+    hidden_ok = ", ".join(repr(p.split("/")[2]) for p in sum(sandbox_child._hidden_interpreter_paths().values(), [])
                           if p.startswith(HOME.rstrip("/") + "/"))
     code = HOSTILE[name].format(outside_tmp=str(OUTSIDE_TMP), outside_repo=str(OUTSIDE_REPO), canary=str(canary),
                                 canary_dir=str(canary_dir), secret_file=str(secret_file), secret=SECRET,

@@ -9,7 +9,7 @@ process group, started by `subprocess.Popen(start_new_session=True, preexec_fn=.
    namespace in which the whole file tree is made read-only (`mount_setattr(AT_RECURSIVE)`) and
    the working directory is a fresh, size-limited tmpfs. Not running as root, an unprivileged user
    namespace (`CLONE_NEWUSER`, mapping only our own uid) is created first to allow the others,
-   and a PID namespace whose init is the program (see `_become_pid_namespace_init`) takes the
+   and a PID namespace whose init is the program (see `sandbox_child._become_pid_namespace_init`) takes the
    place of the separate uid in killing everything the program started;
 2. `PR_SET_NO_NEW_PRIVS` (no setuid binary or file capability can raise privileges again);
 3. **identity** (when running as root): the child drops to its own unprivileged uid/gid, one per
@@ -37,16 +37,10 @@ starting a child with each candidate configuration, strongest first.
 """
 from __future__ import annotations
 
-import collections
-import ctypes
-import ctypes.util
 import errno
-import fcntl
-import functools
 import logging
 import math
 import os
-import pwd
 import resource
 import selectors
 import shutil
@@ -59,30 +53,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+# The child's side (its setup between fork and exec, the code it runs) and the uid slots live in
+# sandbox_child.py and sandbox_uids.py; this module is the parent's side.
+from groupwise.rewards.sandbox_child import RUNNER_FILE, SOLUTION_FILE, _RUNNER, _SOCKET_PRELUDE, SandboxError, _make_preexec, _Plan, _write_file
+from groupwise.rewards.sandbox_uids import _default_uid_base, _kill_uid, _UidSlots
+
 logger = logging.getLogger("groupwise.rewards")
-
-# ----------------------------------------------------------------------------- kernel constants
-
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
-CLONE_NEWPID = 0x20000000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
-AT_FDCWD, AT_RECURSIVE = -100, 0x8000
-SYS_MOUNT_SETATTR = 442  # one number on all architectures but alpha (syscalls since 5.1 share one table)
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-
-class SandboxError(RuntimeError):
-    """The sandbox itself failed (could not start a child, create a directory, ...): not the program's fault."""
 
 
 # ----------------------------------------------------------------------------- results and options
@@ -143,314 +119,6 @@ class Isolation:
     def describe(self) -> str:
         """One line for logs and reports."""
         return ", ".join(f"{k}={v}" for k, v in asdict(self).items())
-
-
-# ----------------------------------------------------------------------------- the code run in the child
-
-_SOCKET_PRELUDE = r'''
-def _gw_block_network():
-    import socket, _socket
-    def _denied(*args, **kwargs):
-        raise PermissionError(13, "network access is disabled in this sandbox")
-    class _BlockedSocket(socket.socket):
-        def __init__(self, *args, **kwargs):
-            _denied()
-    for _mod in (socket, _socket):
-        for _name in ("socket", "SocketType"):
-            if hasattr(_mod, _name):
-                setattr(_mod, _name, _BlockedSocket)
-        for _name in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo",
-                      "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "fromshare"):
-            if hasattr(_mod, _name):
-                setattr(_mod, _name, _denied)
-_gw_block_network()
-del _gw_block_network
-'''
-
-# The runner: reads the token of an assert-style run from stdin (before the program can), then
-# runs solution.py as __main__ and, only if it returned normally, prints the token on its own line.
-# An early exit (sys.exit(0), os._exit(0)) therefore cannot pass the tests.
-_RUNNER = r'''import sys
-{prelude}
-def _gw_main():
-    import os
-    token = sys.stdin.readline().strip() if sys.argv[1] == "assert" else ""
-    path = "solution.py"
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        code = compile(handle.read(), path, "exec")
-    sys.argv = [path]
-    scope = {{"__name__": "__main__", "__file__": path, "__builtins__": __builtins__}}
-    exec(code, scope)
-    if token:
-        sys.stdout.flush()
-        os.write(1, ("\n" + token + "\n").encode())
-_gw_main()
-'''
-
-SOLUTION_FILE = "solution.py"
-RUNNER_FILE = "_gw_runner.py"
-
-
-# ----------------------------------------------------------------------------- uid slots (root only)
-
-
-def _default_uid_base() -> int:
-    """A uid range nobody uses: GROUPWISE_SANDBOX_UID_BASE, else high in this user namespace's map."""
-    if os.environ.get("GROUPWISE_SANDBOX_UID_BASE"):
-        return int(os.environ["GROUPWISE_SANDBOX_UID_BASE"])
-    preferred = 1_900_000_000
-    try:
-        ranges = [tuple(int(x) for x in line.split()) for line in open("/proc/self/uid_map")]
-    except OSError:
-        return preferred
-    for inside, _, count in ranges:
-        if inside <= preferred and preferred + 65536 <= inside + count:
-            return preferred
-    inside, _, count = max(ranges, key=lambda r: r[2])  # a limited map (rootless container)
-    return max(inside + count - 4096, inside + 1000)
-
-
-class _UidSlots:
-    """Unprivileged uids, one per concurrent execution; a uid is held with an flock so that two
-    processes on one machine (two trainer ranks, a test run) never share one.
-
-    A uid goes back to the end of a queue after use and is handed out again only `cool_down_s`
-    later when possible (new uids are taken meanwhile, up to `size`): killed processes stay
-    zombies, still counted by RLIMIT_NPROC, until init reaps them, and must not eat into the
-    next program's process budget.
-    """
-
-    def __init__(self, base: int, size: int = 4096, cool_down_s: float = 2.0, max_held: int = 256):
-        self.base, self.size, self.cool_down_s, self.max_held = base, size, cool_down_s, max_held
-        self._free: collections.deque[tuple[float, int]] = collections.deque()  # (usable from, uid)
-        self._locks: dict[int, int] = {}
-        self._mutex = threading.Lock()
-        self._dir = os.path.join(tempfile.gettempdir(), "groupwise-sandbox-uids")
-        os.makedirs(self._dir, mode=0o700, exist_ok=True)
-        self._next = base
-        self.pid = os.getpid()  # a forked child must not use its parent's uids (it shares their locks)
-
-    def acquire(self) -> int:
-        """A uid for one execution: the longest-unused one after its cool-down, else a new one."""
-        with self._mutex:
-            now = time.monotonic()
-            if self._free and (self._free[0][0] <= now or len(self._locks) >= self.max_held):
-                return self._free.popleft()[1]
-            uid = self._new_uid()
-            if uid is not None:
-                return uid
-            if self._free:
-                return self._free.popleft()[1]
-        raise SandboxError(f"no free sandbox uid in [{self.base}, {self.base + self.size})")
-
-    def _new_uid(self) -> int | None:
-        while self._next < self.base + self.size:
-            uid, self._next = self._next, self._next + 1
-            try:
-                pwd.getpwuid(uid)
-                continue  # a real account: never borrow it
-            except KeyError:
-                pass
-            fd = os.open(os.path.join(self._dir, f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                continue  # another process owns this uid
-            self._locks[uid] = fd
-            _kill_uid(uid)  # leftovers of a process that died holding it
-            return uid
-        return None
-
-    def release(self, uid: int, quarantine_s: float | None = None) -> None:
-        """Give `uid` back; it is handed out again after `quarantine_s` (default: the cool-down)."""
-        with self._mutex:
-            self._free.append((time.monotonic() + (self.cool_down_s if quarantine_s is None else quarantine_s), uid))
-
-
-# setresuid system call numbers: the raw call changes the calling thread only (glibc's wrapper
-# changes every thread of the process).
-_SYS_SETRESUID = {"x86_64": 117, "aarch64": 147}.get(os.uname().machine)
-
-
-def _thread_effective_caps() -> int:
-    """The calling thread's effective capability set (-1 if unreadable)."""
-    try:
-        with open("/proc/thread-self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return int(line.split()[1], 16)
-    except (OSError, ValueError):
-        pass
-    return -1
-
-
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every process of `uid` by sending `kill(-1, SIGKILL)` as that uid: the kernel then
-    signals exactly the processes whose real or saved uid is `uid`, under the tasklist lock (a fork
-    bomb cannot outrun it), and never the sender.
-
-    Fast path: the calling *thread* alone takes ruid = euid = `uid` (saved uid stays 0, so it can
-    come back; its effective capabilities are dropped meanwhile, so CAP_KILL does not widen the
-    kill), sends the signal, and returns to root. Otherwise `kill -KILL -1` is run as that uid.
-    """
-    if _SYS_SETRESUID is not None and os.geteuid() == 0:
-        dropped = _libc.syscall(ctypes.c_long(_SYS_SETRESUID), ctypes.c_long(uid), ctypes.c_long(uid), ctypes.c_long(0))
-        if dropped == 0:
-            try:
-                if _thread_effective_caps() == 0:  # no CAP_KILL left: kill(-1) reaches `uid` only
-                    _libc.kill(-1, signal.SIGKILL)
-                    return
-            finally:
-                restored = _libc.syscall(ctypes.c_long(_SYS_SETRESUID), ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0))
-                if restored != 0 or os.geteuid() != 0 or os.getuid() != 0:
-                    raise SandboxError(f"could not return to uid 0 after signalling sandbox uid {uid}")
-    kill = shutil.which("kill", path="/usr/bin:/bin") or "/bin/kill"
-    try:
-        subprocess.run([kill, "-KILL", "--", "-1"], user=uid, group=uid, extra_groups=[], env={},
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       close_fds=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise SandboxError(f"could not kill the processes of sandbox uid {uid}: {e}") from e
-
-
-# ----------------------------------------------------------------------------- the child's setup
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What the preexec function does (one candidate of the probe)."""
-
-    netns: bool
-    mountns: bool
-    userns: bool
-    uid: bool
-    pidns: bool = False
-
-
-@functools.lru_cache(maxsize=1)
-def _hidden_interpreter_paths() -> dict[str, list[str]]:
-    """Directories of the interpreter that another uid cannot reach (e.g. a pyenv/conda install
-    under root's 0700 home), grouped by the closed ancestor: `{"/root": ["/root/.pyenv/versions/3.11"]}`.
-    In the mount namespace a tmpfs (0755) replaces each such ancestor and only these directories
-    are bind-mounted back into it, so the interpreter runs while the rest of the home stays hidden."""
-    wanted = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                                            os.path.dirname(os.path.realpath(sys.executable)))}
-    wanted = {p for p in wanted if not any(p.startswith(other.rstrip("/") + "/") for other in wanted)}  # outermost only
-    hidden: dict[str, list[str]] = {}
-    for path in sorted(wanted):
-        parts = path.strip("/").split("/")
-        for depth in range(1, len(parts)):
-            ancestor = "/" + "/".join(parts[:depth])
-            try:
-                if not os.stat(ancestor).st_mode & 0o001:
-                    hidden.setdefault(ancestor, []).append(path)
-                    break
-            except OSError:
-                break
-    return hidden
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _make_preexec(plan: _Plan, workdir: str, files: dict[str, bytes], uid: int | None, limits: dict[int, tuple[int, int]],
-                  tmpfs_mb: int, outer_uid: int, outer_gid: int) -> Callable[[], None]:
-    """The function run in the child between fork and exec. It imports nothing (another thread of
-    the parent may hold the import lock at fork time) and only makes system calls."""
-    workdir_b = workdir.encode()
-    tmpfs_opts = f"size={tmpfs_mb}m,nr_inodes=4096,mode=0700,uid={uid if uid is not None else outer_uid}," \
-                 f"gid={uid if uid is not None else outer_gid}".encode()
-    if plan.userns:
-        tmpfs_opts = f"size={tmpfs_mb}m,nr_inodes=4096,mode=0700".encode()
-    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)  # not NODEV: /dev/null must open
-    flags = ((plan.netns and CLONE_NEWNET) | (plan.mountns and CLONE_NEWNS) | (plan.userns and CLONE_NEWUSER)
-             | (plan.pidns and CLONE_NEWPID))
-    libc, write_file = _libc, _write_file
-    setrlimit = resource.setrlimit
-    hidden = _hidden_interpreter_paths() if plan.uid else {}
-
-    def preexec() -> None:
-        """Namespaces, mounts, identity, limits (see the module docstring)."""
-        if flags:
-            _check(libc.unshare(flags), "unshare")
-        if plan.userns:  # map only ourselves; no setgroups
-            write_file(b"/proc/self/setgroups", b"deny")
-            write_file(b"/proc/self/uid_map", f"{outer_uid} {outer_uid} 1".encode())
-            write_file(b"/proc/self/gid_map", f"{outer_gid} {outer_gid} 1".encode())
-        if plan.mountns:
-            _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
-            for ancestor, paths in hidden.items():
-                fds = [os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for p in paths]
-                _check(libc.mount(b"tmpfs", ancestor.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755"),
-                       "mount tmpfs over " + ancestor)
-                for path, fd in zip(paths, fds):
-                    os.makedirs(path, 0o755, exist_ok=True)
-                    _check(libc.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, MS_BIND | MS_REC, None),
-                           "bind " + path)
-                    os.close(fd)
-            _check(libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), b"/",
-                                ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
-                   "mount_setattr / read-only")
-            _check(libc.mount(b"tmpfs", workdir_b, b"tmpfs", MS_NOSUID | MS_NODEV, tmpfs_opts), "mount tmpfs")
-            os.chdir(workdir)  # the new tmpfs, not the directory underneath
-            for name, data in files.items():
-                write_file(name.encode(), data, 0o644)
-            os.mkdir("home", 0o700)
-            if uid is not None:
-                os.chown("home", uid, uid)
-        if plan.pidns:
-            _become_pid_namespace_init()
-        _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
-        if plan.uid and uid is not None:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-        _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")  # after setuid, which clears it
-        # Last: this child is still a copy of the parent (maybe gigabytes of address space), and
-        # with RLIMIT_AS in force any further allocation before exec could fail.
-        for which, value in limits.items():
-            setrlimit(which, value)
-
-    return preexec
-
-
-def _become_pid_namespace_init() -> None:
-    """After unshare(CLONE_NEWPID), in the preexec: fork; the child (pid 1 of the new namespace)
-    returns and goes on to exec the program, this process stays behind as its stand-in for
-    Popen and exits with its status. When pid 1 dies the kernel kills everything else in the
-    namespace, so nothing the program started (even after setsid) outlives it."""
-    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
-    child = os.fork()
-    if child == 0:
-        return
-    devnull = os.open("/dev/null", os.O_RDWR)
-    for fd in (0, 1, 2):  # hold none of Popen's pipes (nor its exec-error pipe, closed below)
-        os.dup2(devnull, fd)
-    os.closerange(3, 1 << 16)
-    _, status = os.waitpid(child, 0)
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
-        except (OSError, ValueError, RuntimeError):
-            pass
-        os._exit(128 + sig)
-    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
-
-
-def _write_file(path: bytes, data: bytes, mode: int = 0o644) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- probing
@@ -799,4 +467,3 @@ def _force_plan(netns: bool, mountns: bool, uid: bool, userns: bool = False) -> 
             _uid_slots = _UidSlots(_default_uid_base())
         _isolation = (_describe(plan), plan)
     return _isolation[0]
-
