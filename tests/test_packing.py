@@ -211,6 +211,26 @@ def test_shared_layout_encodes_each_prompt_once():
     assert shared.position_ids[0, first].tolist() == [7] * 4 + [3] * 4
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_completion_logprobs_leave_each_rows_last_token_out_of_the_packed_row(monkeypatch, layout):
+    """Its hidden state predicts nothing; the equality tests above check that nothing needed it."""
+    from groupwise.model import logprobs as logprobs_mod
+
+    ids, am, cmask, gid = grouped_batch(2, 61, prompt_lens=[7, 3], g=4, tc=6)
+    tp = ids.shape[1] - 6
+    packed_tokens = []
+    real = logprobs_mod.packed_hidden_states
+
+    def counting(decoder, lay, **kwargs):
+        packed_tokens.append(lay.num_tokens)
+        return real(decoder, lay, **kwargs)
+
+    monkeypatch.setattr(logprobs_mod, "packed_hidden_states", counting)
+    completion_logprobs(llama(), ids, am, cmask, layout=layout, group_id=gid)
+    prompt_tokens = 7 + 3 if layout == "shared_prefix" else int(am[:, :tp].sum())
+    assert packed_tokens == [prompt_tokens + int(am[:, tp:].sum()) - ids.shape[0]]
+
+
 def test_rows_with_one_group_id_and_different_prompts_are_refused():
     ids, am, cmask, gid = grouped_batch(0, 61, prompt_lens=[5, 5], g=2, tc=4)
     gid = torch.zeros_like(gid)
@@ -221,24 +241,27 @@ def test_rows_with_one_group_id_and_different_prompts_are_refused():
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_layout_properties(data):
-    """Every real token appears once in the packed row (a prefix common to all prompts once), at
-    its own position, and maps back to a slot."""
+    """Every real token appears once in the packed row (a prefix common to all prompts once; with
+    drop_last_token, each row's last completion token not at all), at its own position, and maps
+    back to a slot; every completion token's predictor is there."""
     n_groups = data.draw(st.integers(1, 4))
     g = data.draw(st.integers(1, 4))
     prompt_lens = [data.draw(st.integers(1, 6)) for _ in range(n_groups)]
     tc = data.draw(st.integers(1, 5))
     share = data.draw(st.booleans())
+    drop_last = data.draw(st.booleans())
     common = data.draw(st.integers(0, 6))
     ids, am, cmask, gid = grouped_batch(data.draw(st.integers(0, 10_000)), 50, prompt_lens, g, tc, empty_completion=False,
                                         common=common)
     tp = ids.shape[1] - tc
-    lay = build_layout(ids, am, tc, gid, share_prefix=share)
+    lay = build_layout(ids, am, tc, gid, share_prefix=share, drop_last_token=drop_last)
     root = common_root_reference(group_prompts(ids, am, gid, tc)) if share else 0
     assert lay.root_len == root
-    expected = root + sum(n - root for n in prompt_lens) + int(am[:, tp:].sum()) if share else int(am.sum())
+    c_len = am[:, tp:].sum(1) - int(drop_last)         # every completion here has at least one token
+    expected = root + sum(n - root for n in prompt_lens) + int(c_len.sum()) if share else int(am.sum()) - int(drop_last) * ids.shape[0]
     assert lay.num_tokens == expected
     # the scatter index is injective and lands on valid slots only
-    completion_valid = torch.arange(lay.completion_index.shape[1]) < am[:, tp:].sum(1)[:, None]
+    completion_valid = torch.arange(lay.completion_index.shape[1]) < c_len[:, None]
     slots = torch.cat([torch.ones(lay.root_len, dtype=torch.bool), lay.block_valid.flatten(), completion_valid.flatten()])
     assert len(set(lay.scatter_index.tolist())) == lay.num_tokens
     assert bool(slots[lay.scatter_index].all())

@@ -167,16 +167,18 @@ def completion_logprobs(
     keep = completion_mask.bool()
     rows_t = targets[keep]
     if layout == "padded":
+        # The state at position p predicts token p+1: completion token j is predicted at Tp−1+j,
+        # so the last column predicts nothing and is not run (attention is causal: no other changes).
         hidden = decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids_from_mask(attention_mask)[:, :-1],
             use_cache=False,
         ).last_hidden_state
-        # The state at position p predicts token p+1: completion token j is predicted at Tp−1+j.
-        rows_h = hidden[:, -tc - 1 : -1][keep]      # [M, H], M = number of real completion tokens
+        rows_h = hidden[:, hidden.shape[1] - tc :][keep]      # [M, H], M = number of real completion tokens
     elif layout in ("packed", "shared_prefix"):
-        packed = build_layout(input_ids, attention_mask, tc, group_id, share_prefix=layout == "shared_prefix")
+        # Each row's last token predicts nothing: it is left out of the packed row.
+        packed = build_layout(input_ids, attention_mask, tc, group_id, share_prefix=layout == "shared_prefix", drop_last_token=True)
         hidden = packed_hidden_states(decoder, packed)
         rows_h = hidden.index_select(0, packed.predictor_index[keep])
     else:

@@ -80,11 +80,16 @@ def build_layout(
     group_id: torch.Tensor | None = None,
     *,
     share_prefix: bool,
+    drop_last_token: bool = False,
 ) -> PackedLayout:
     """Pack `[N, Tp + Tc]` rows (prompt left-padded, completion right-padded) into one flat row.
 
     With `share_prefix`, rows with the same `group_id` must carry the same prompt; each prompt
-    becomes one block that all its completions read. Vectorized: no loop over rows or tokens.
+    becomes one block that all its completions read. With `drop_last_token`, each row's last
+    completion token is left out of the row: when only the predictions of completion tokens are
+    read, its hidden state is dead work (it predicts nothing, and no token attends to it, being
+    the last of its sequence). Every `predictor_index` entry of a real token stays valid.
+    Vectorized: no loop over rows or tokens.
     """
     device = input_ids.device
     n, width = input_ids.shape
@@ -92,6 +97,8 @@ def build_layout(
     am = attention_mask.bool()
     p_len = am[:, :tp].sum(1)
     c_len = am[:, tp:].sum(1)
+    if drop_last_token:
+        c_len = (c_len - 1).clamp(min=0)
     if bool((p_len == 0).any()):
         raise ValueError("build_layout: every row needs at least one prompt token (the one that predicts its first completion token)")
     if share_prefix:
