@@ -22,6 +22,7 @@ from groupwise.algorithms.controllers import (
     FixedKLController,
     kl_in_reward,
     sequence_kl,
+    token_mean_kl,
 )
 from groupwise.algorithms.filters import (
     d3s_sample_keep,
@@ -259,6 +260,12 @@ class TestKLInReward:
         assert math.isnan(out[0])
         assert out[1].item() == pytest.approx(2 - 3 * k3)
         assert not out.requires_grad
+
+    def test_token_mean_kl(self):
+        # k1 masked values: 0.5, 0 | 0.5, 0.5, 0.5 → 2.0 over 5 tokens; k3: (1 + 0 + 3) · 0.10653066 / 5
+        assert token_mean_kl(self.logp, self.ref, self.mask, "k1") == pytest.approx(0.4)
+        assert token_mean_kl(self.logp, self.ref, self.mask, "k3") == pytest.approx(4 * (math.exp(-0.5) - 0.5) / 5)
+        assert token_mean_kl(self.logp, self.ref, torch.zeros_like(self.mask), "k1") == 0.0
 
     def test_callable_estimator(self):
         out = kl_in_reward(t([0, 0]), self.logp, self.ref, self.mask, 2.0, estimator=lambda lp, ref: torch.ones_like(lp))

@@ -24,7 +24,7 @@ from groupwise import checkpoint as ckpt
 from groupwise.algorithms import ObjectiveParts, StepCounts, compute_advantages, policy_objective
 from groupwise.algorithms.options import takes_group_id
 from groupwise.algorithms.advantages import AdvantageContext
-from groupwise.algorithms.controllers import AdaptiveEntropyController, AdaptiveKLController, FixedKLController, kl_in_reward
+from groupwise.algorithms.controllers import AdaptiveEntropyController, AdaptiveKLController, FixedKLController, kl_in_reward, token_mean_kl
 from groupwise.algorithms.reward_aggregation import aggregate_rewards
 from groupwise.algorithms.rollout_correction import resolve_level, rollout_importance_weights
 from groupwise.algorithms.filters import (
@@ -319,11 +319,7 @@ class Trainer:
         if alg.kl.coef > 0:
             kl = update.get("kl")
             if kl is None:  # KL in the reward: measure it on the behaviour policy
-                from groupwise.algorithms import KL_ESTIMATORS
-
-                m = batch.completion_mask
-                kl = float((KL_ESTIMATORS.get(alg.kl.estimator)(batch.old_logprobs, batch.ref_logprobs) * m).sum() / m.sum().clamp(min=1))
-                out["kl"] = kl
+                kl = out["kl"] = token_mean_kl(batch.old_logprobs, batch.ref_logprobs, batch.completion_mask, alg.kl.estimator)
             coef = self.kl_controller.update(kl, n_steps=batch.num_rows)
             self.parts.kl_coef = coef if alg.kl.placement == "loss" else 0.0
             out["kl_coef"] = coef

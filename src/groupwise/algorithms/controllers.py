@@ -178,6 +178,20 @@ def sequence_kl(
         return total if reduce == "sum" else total / m.sum(-1).clamp(min=1)
 
 
+def token_mean_kl(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str | KLEstimator = "k3",
+) -> float:
+    """The batch's token-mean KL to the reference, the quantity an adaptive β controller tracks
+    (Ziegler et al., arXiv 1909.08593; verl's `AdaptiveKLController` is fed the same mean):
+
+        KL̄ = Σ_{i,t} m_{i,t} · kl_{i,t} / max(Σ_{i,t} m_{i,t}, 1)
+
+    `estimator` as in `sequence_kl`. Without gradient; 0 for an all-masked batch.
+    """
+    kl = sequence_kl(logp, ref_logp, mask, estimator, reduce="sum").sum()
+    return float(kl / mask.to(logp.dtype).sum().clamp(min=1))
+
+
 def kl_in_reward(
     rewards: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
     coef: float, estimator: str | KLEstimator = "k1",
