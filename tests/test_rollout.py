@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from groupwise.config import load_config
 from groupwise.data.sources import load_train_prompts
@@ -27,6 +29,31 @@ def test_inverse_cdf_hand_computed():
     p = torch.tensor([[0.1, 0.2, 0.7], [0.1, 0.2, 0.7], [0.1, 0.2, 0.7], [0.0, 0.5, 0.5]])
     # CDF 0.1, 0.3, 1.0: u = 0.05 → 0, 0.2 → 1, 0.99 → 2; a zero-mass first token is skipped (u = 0 → 1)
     assert sample_categorical(p, torch.tensor([0.05, 0.2, 0.99, 0.0], dtype=torch.float64)).tolist() == [0, 1, 2, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 9), st.integers(0, 2**31 - 1), st.floats(0.0, 0.3))
+def test_two_level_inverse_cdf_equals_one_cumulative_sum(vocab, block, seed, zero_share):
+    """Block-then-token inversion draws the token one float64 cumsum over the vocabulary draws.
+    Probabilities are multiples of 1/64, so every partial sum is exact and the two must agree."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.randint(0, 8, (5, vocab), generator=g).float()
+    weights[torch.rand(5, vocab, generator=g) < zero_share] = 0.0
+    weights[:, torch.randint(0, vocab, (1,), generator=g)] += 1.0   # every row has mass
+    p = weights / 64.0
+    u = torch.rand(5, generator=g, dtype=torch.float64)
+    cdf = p.double().cumsum(-1)
+    reference = torch.searchsorted(cdf, (u * cdf[:, -1]).view(-1, 1), right=True).squeeze(-1)
+    drawn = sample_categorical(p, u, block=block)
+    assert drawn.tolist() == reference.tolist()
+    assert bool((p.gather(-1, drawn.view(-1, 1)) > 0).all())
+
+
+def test_inverse_cdf_target_at_the_total_draws_the_last_token_with_mass():
+    # u = 1 (float rounding can reach it): past the end of the CDF; the padded block and the
+    # zero-mass tail must not be drawn
+    p = torch.tensor([[0.25, 0.5, 0.25, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    assert sample_categorical(p, torch.ones(2, dtype=torch.float64), block=2).tolist() == [2, 4]
 
 
 def test_sequence_uniforms_are_a_pure_function_of_seed_sequence_and_step():
