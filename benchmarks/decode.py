@@ -92,7 +92,7 @@ def attention_benchmark(repeats: int = 300) -> dict:
 def main() -> None:
     import torch
 
-    from vs_trl import DEFAULT_SMOLLM2_DIR, groupwise_overrides, has_chat_template, resolve_model
+    from vs_trl import DEFAULT_SMOLLM2_DIR, benchmark_spec, groupwise_overrides, has_chat_template, resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2", help="builtin, smollm2, or a local Hugging Face model directory")
@@ -129,10 +129,8 @@ def main() -> None:
     builtin = model_name == "builtin"
     chat = has_chat_template(model_path)
     max_new = args.max_new_tokens or (8 if builtin else 64)
-    spec = {"model": model_path, "device": "cpu", "seed": 0, "chat": chat, "prompts": args.prompts,
-            "generations": args.generations, "max_new_tokens": max_new, "temperature": 1.0, "loss_type": "grpo",
-            "mu": 1, "beta": 0.0, "lr": 1e-6, "extract": "full" if builtin else "last_number", "total_steps": 1,
-            "groupwise_set": [], "run_dir": tempfile.mkdtemp(prefix="decode-ab-")}
+    spec = benchmark_spec(model_path, builtin, chat, prompts=args.prompts, generations=args.generations, max_new_tokens=max_new,
+                          run_dir=tempfile.mkdtemp(prefix="decode-ab-"))
     cfg = load_config(None, groupwise_overrides(spec))
     trainer = Trainer(cfg)
     engine = trainer.engine

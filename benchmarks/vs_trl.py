@@ -121,6 +121,23 @@ def _setup_worker(spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
 
 
+def benchmark_spec(model_path: str, builtin: bool, chat: bool, *, max_new_tokens: int | None = None, lr: float | None = None,
+                   extract: str | None = None, **settings) -> dict:
+    """The settings both frameworks get (also `decode.py`'s): the defaults below, a model-dependent
+    default for max_new_tokens, lr and extract where None (the built-in recipe's for the built-in
+    model), `settings` over the rest."""
+    spec = {
+        "model": model_path, "device": "cpu", "seed": 0, "chat": chat, "prompts": 8, "generations": 4,
+        "max_new_tokens": max_new_tokens or (8 if builtin else 64), "temperature": 1.0, "loss_type": "grpo", "mu": 1, "beta": 0.0,
+        "lr": lr if lr is not None else (1e-4 if builtin else 1e-6), "threads": None,
+        "extract": extract or ("full" if builtin else "last_number"), "total_steps": 1, "groupwise_set": [], "trl_set": [], "floor": True,
+    }
+    unknown = set(settings) - set(spec) - {"run_dir"}
+    if unknown:
+        raise TypeError(f"benchmark_spec: unknown settings {sorted(unknown)}")
+    return {**spec, **settings}
+
+
 def groupwise_overrides(spec: dict) -> list[str]:
     """The groupwise config of the benchmark: the built-in recipe with the shared settings."""
     return [
@@ -487,14 +504,12 @@ def main() -> None:
     builtin = model_name == "builtin"
     chat = has_chat_template(model_path) if args.chat == "auto" else args.chat == "on"
     tmp = Path(tempfile.mkdtemp(prefix="vs_trl-"))
-    spec = {
-        "model": model_path, "device": args.device, "seed": args.seed, "chat": chat, "prompts": args.prompts,
-        "generations": args.generations, "max_new_tokens": args.max_new_tokens or (8 if builtin else 64),
-        "temperature": args.temperature, "loss_type": args.loss_type, "mu": args.mu, "beta": args.beta,
-        "lr": args.lr if args.lr is not None else (1e-4 if builtin else 1e-6), "threads": args.threads,
-        "extract": args.extract or ("full" if builtin else "last_number"),
-        "total_steps": args.warmup + args.steps, "groupwise_set": args.groupwise_set, "trl_set": args.trl_set, "floor": args.floor,
-    }
+    spec = benchmark_spec(
+        model_path, builtin, chat, device=args.device, seed=args.seed, prompts=args.prompts, generations=args.generations,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, loss_type=args.loss_type, mu=args.mu, beta=args.beta,
+        lr=args.lr, threads=args.threads, extract=args.extract, total_steps=args.warmup + args.steps,
+        groupwise_set=args.groupwise_set, trl_set=args.trl_set, floor=args.floor,
+    )
     names = [n for n in ("trl", "groupwise") if args.only in (None, n)]
     targets = {"trl": trl_worker, "groupwise": groupwise_worker}
     import shutil
