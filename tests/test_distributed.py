@@ -52,7 +52,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 _CASES = {
     "fsdp2-token_mean": ["algorithm.aggregation=token_mean", *HARD],
-    "fsdp2-seq_mean_token_mean": ["algorithm.aggregation=seq_mean_token_mean"],
+    # eval every step: each rank evaluates a share of the held-out set, the sums are added
+    "fsdp2-seq_mean_token_mean": ["algorithm.aggregation=seq_mean_token_mean", "eval.every=1", "data.eval_size=13"],
     "ddp-token_mean": ["algorithm.aggregation=token_mean", *HARD, "distributed.strategy=ddp"],
     # one group, two ranks: rank 1 generates nothing and runs no-op passes to match rank 0's collectives
     "fsdp2-one_group": ["rollout.prompts_per_step=1", "algorithm.num_iterations=2", "algorithm.kl.coef=0.04"],
@@ -98,6 +99,12 @@ def test_two_processes_equal_one_process(runs, case):
         assert a["tokens_generated"] == b["tokens_generated"]
         for key in ("loss", "entropy", "clip_ratio/region", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        evals = sorted(key for key in a if key.startswith("eval/"))
+        assert evals == sorted(key for key in b if key.startswith("eval/"))
+        for key in evals:
+            assert b[key] == pytest.approx(a[key], rel=1e-9), key
+    if "eval.every=1" in _CASES[case]:
+        assert m1[-1]["eval/num_prompts"] == 13.0 and "eval/greedy_accuracy" in m1[-1]
     assert not (two / "metrics.jsonl").read_text().count('"step": 1,') > 1   # rank 0 alone logs
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from groupwise.cli import main
+from groupwise.config import load_config
 
 from conftest import small_overrides
 
@@ -93,3 +94,35 @@ def test_eval_of_the_builtin_model_matches_its_card(capsys):
 def test_eval_errors(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     assert "not a groupwise run directory" in capsys.readouterr().err
+
+
+def test_evaluation_means_from_sums_by_hand():
+    from groupwise.evaluation import evaluation_means
+
+    sums = {"num_prompts": 4.0, "greedy_correct": 1.0, "greedy_reward_sum": 1.5, "greedy_reward_count": 3.0, "greedy_length_sum": 22.0,
+            "pass_sum": 2.5, "sampled_correct": 5.0, "sampled_reward_sum": 0.0, "sampled_reward_count": 0.0}
+    means = evaluation_means(sums, k=2)
+    assert means == {"num_prompts": 4.0, "greedy_accuracy": 0.25, "greedy_reward": 0.5, "greedy_length": 5.5,
+                     "pass@2": 0.625, "mean@2": 0.625, "sampled_reward": means["sampled_reward"]}
+    assert means["sampled_reward"] != means["sampled_reward"], "no completion has a reward: NaN, not 0"
+    assert evaluation_means({}, k=2) == {} and evaluation_means({"num_prompts": 0.0}) == {}
+
+
+def test_evaluation_shares_add_up_to_the_whole_held_out_set(tmp_path):
+    """What torchrun's ranks do: each evaluates a contiguous share (sampled rows offset as in one
+    call); the summed shares give the figures of one process evaluating everything."""
+    from groupwise import distributed as dist
+    from groupwise.evaluation import evaluate, evaluation_means, evaluation_sums
+    from groupwise.trainer import Trainer
+
+    trainer = Trainer(load_config(None, small_overrides(tmp_path, **{"eval.max_new_tokens": 6})))
+    prompts, k = trainer.eval_prompts[:7], 3
+    args = (trainer.engine, trainer.tokenizer)
+    whole = evaluate(*args, prompts, trainer.rewards, trainer.config, k=k, seed=5)
+    shares = [evaluation_sums(*args, prompts[a:b], trainer.rewards, trainer.config, k=k, seed=5, row_offset=a) for a, b in ((0, 3), (3, 7))]
+    summed = {key: shares[0][key] + shares[1][key] for key in shares[0]}
+    assert evaluation_means(summed, k) == whole
+    assert whole["num_prompts"] == 7 and set(whole) >= {"greedy_accuracy", "pass@3", "mean@3", "sampled_reward"}
+    wrong = evaluation_sums(*args, prompts[3:7], trainer.rewards, trainer.config, k=k, seed=5, row_offset=0)
+    assert wrong != shares[1], "the offset matters: a share drawn as rows 0… samples other completions"
+    assert dist.all_reduce_sums(shares[0], trainer.dist, trainer.device) == shares[0]   # one process: the identity

@@ -39,7 +39,7 @@ from groupwise.data.samplers import RoundOutcome, SamplerContext, build_sampler
 from groupwise.data.sources import load_eval_prompts, load_train_prompts
 from groupwise.errors import RunDirError
 from groupwise.guidance import GeneratedRound, Guidance
-from groupwise.evaluation import accuracy_index, correct_mask, evaluate, score_rollout
+from groupwise.evaluation import accuracy_index, correct_mask, evaluation_means, evaluation_sums, score_rollout
 from groupwise.memory_plan import check_memory_fits
 from groupwise.metrics import MetricsLogger, NullLogger, Progress, sample_records, step_metrics, truncate_jsonl_after_step
 from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, resolve_model_path, trainable_parameters
@@ -202,10 +202,13 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.eval_before, eval_after, metrics)
 
     def evaluate(self, k: int = 0) -> dict[str, float]:
-        # Every rank evaluates the whole held-out set (the parameters are gathered: a collective).
+        """Held-out figures; under torchrun each rank evaluates a contiguous share and the sums are added."""
         self.engine.wake_up()
-        with dist.gathered_parameters(self.model, self.dist):
-            return evaluate(self.engine, self.tokenizer, self.eval_prompts, self.rewards, self.config, k=k, seed=self.config.seed)
+        share = rank_groups([1] * len(self.eval_prompts), self.dist.world_size)[self.dist.rank]
+        with dist.gathered_parameters(self.model, self.dist):   # collective: every rank enters, even one with no share
+            sums = evaluation_sums(self.engine, self.tokenizer, [self.eval_prompts[i] for i in share], self.rewards, self.config,
+                                   k=k, seed=self.config.seed, row_offset=share[0] if share else 0)
+        return evaluation_means(dist.all_reduce_sums(sums, self.dist, self.device), k)
 
     def save_checkpoint(self) -> Path:
         sampler_state = ckpt.split_tensors(self.sampler.state_dict())
