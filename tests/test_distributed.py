@@ -179,3 +179,29 @@ def test_single_process_context_is_a_no_op(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         dist.launched_world_size()
+
+
+_REFERENCE_SHARDS = """
+import sys
+import torch
+from torch.distributed.tensor import DTensor
+from groupwise.config import load_config
+from groupwise.trainer import Trainer
+trainer = Trainer(load_config(None, sys.argv[1:]))
+params = list(trainer.ref_model.parameters())
+assert all(isinstance(p, DTensor) and not p.requires_grad for p in params), "the reference is not sharded"
+local, whole = sum(p.to_local().numel() for p in params), sum(p.numel() for p in params)
+assert local < whole, (local, whole)
+print("LOCAL", local, "WHOLE", whole)
+"""
+
+
+def test_fsdp2_shards_the_reference_model(tmp_path):
+    overrides = [*BASE, "algorithm.kl.coef=0.04", f"run_dir={tmp_path / 'run'}"]
+    script = tmp_path / "reference_shards.py"
+    script.write_text(_REFERENCE_SHARDS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *overrides],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    counts = [line.split() for line in proc.stdout.splitlines() if line.startswith("LOCAL")]
+    assert len(counts) == 2 and sum(int(c[1]) for c in counts) == int(counts[0][3])   # the two shards make the whole

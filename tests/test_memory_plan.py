@@ -34,7 +34,7 @@ def test_world_size_shards_under_fsdp2_and_replicates_under_ddp():
     n = one.num_parameters
     fsdp = plan_memory(cfg, device_bytes=BIG, world_size=2)
     assert fsdp.parameters == n * 2 and fsdp.gradients == n * 2 and fsdp.optimizer == n * 4   # halves of n·4, n·4, n·8
-    assert fsdp.reference == n * 4                          # the reference is not sharded
+    assert fsdp.reference == n * 2                          # the reference is sharded too
     assert fsdp.gathered_parameters == n * 2                # generation holds the whole weights again
     assert fsdp.rows_per_micro_batch == one.rows_per_micro_batch // 2   # each rank trains its share
     assert fsdp.concurrent_sequences == one.concurrent_sequences // 2
@@ -43,6 +43,7 @@ def test_world_size_shards_under_fsdp2_and_replicates_under_ddp():
     assert "gathered" in format_plan(fsdp) and "gathered" not in format_plan(one)
     ddp = plan_memory(load_config(None, ["algorithm.kl.coef=0.01", "distributed.strategy=ddp"]), device_bytes=BIG, world_size=2)
     assert ddp.parameters == one.parameters and ddp.optimizer == one.optimizer and ddp.gathered_parameters == 0
+    assert ddp.reference == one.reference == n * 4
     assert ddp.rows_per_micro_batch == fsdp.rows_per_micro_batch
 
 

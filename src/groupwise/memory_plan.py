@@ -53,7 +53,8 @@ Several processes (torchrun, `world_size` > 1): each rank decodes and trains on 
 rows (completions / world_size). Under `distributed.strategy: fsdp2` parameters, gradients and
 optimizer states are divided by `world_size`, and generation and the no-grad passes hold the
 parameters whole again (`gathered_parameters`), so the generation phase adds one full copy; under
-ddp every rank holds everything. The reference model is never sharded.
+ddp every rank holds everything. The reference model is sharded the same way and gathered only
+for its own no-grad pass (never at the same time as the policy), so it adds no gathered term.
 
 `rollout.backend: vllm`: the engine holds its own copy of the weights and its KV cache. On CUDA
 it takes `rollout.vllm.gpu_memory_utilization` × the device's memory; on the CPU the weights
@@ -294,7 +295,7 @@ def plan_memory(cfg: Config, *, device_bytes: int | None = None, world_size: int
     fsdp = world_size > 1 and cfg.distributed.strategy == "fsdp2"
     shard = (lambda n: -(-n // world_size)) if fsdp else (lambda n: n)  # noqa: E731 - ceil division
     return MemoryPlan(
-        parameters=shard(parameters), reference=reference, gradients=shard(gradients), optimizer=shard(optimizer),
+        parameters=shard(parameters), reference=shard(reference), gradients=shard(gradients), optimizer=shard(optimizer),
         gathered_parameters=parameters - shard(parameters) if fsdp else 0, engine=engine, packed_weights=packed,
         activations=activations, logits=logits, kv_cache=kv_cache, device_bytes=dev_bytes, device_source=dev_source,
         num_parameters=n_params, trainable_parameters=trainable, rows_per_micro_batch=rows, tokens_per_sequence=seq_len,

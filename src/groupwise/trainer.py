@@ -7,6 +7,8 @@ One step (one generation round):
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import logging
 import os
 import random
@@ -119,6 +121,7 @@ class Trainer:
         self.ref_model = None
         if cfg.algorithm.kl.coef > 0 and not cfg.model.lora.enabled:
             self.ref_model = load_reference(cfg.model, self.device)
+            dist.wrap_policy(self.ref_model, self.dist, self.device)   # FSDP2: sharded too, gathered only for its own pass
         self.rewards.bind(device=self.device, model=self.model, tokenizer=self.tokenizer)  # self-certainty, reward models
         self.engine = rollout_engine(self.model, self.tokenizer, cfg)
         self.optimizer_steps_per_step = cfg.algorithm.num_iterations * cfg.algorithm.mini_batches
@@ -429,34 +432,32 @@ class Trainer:
             behaviour_logprobs=rollout.sampling_logprobs if rollout.source is not None and bool((rollout.source == ROW_REPLAY).any()) else None,
         )
 
-    @torch.no_grad()
     def _behaviour_and_reference_logprobs(self, batch: TrainBatch) -> None:
         """π_old is needed only when the policy moves before the last use of the batch (μ > 1 or
         several mini-batches); otherwise the detached current log-probs serve (ratio ≡ 1), as in TRL."""
         kl = self.config.algorithm.kl
         needs_old = (self.optimizer_steps_per_step > 1 or (kl.coef > 0 and kl.placement == "reward")
                      or self.correction_level != "none")   # the IS correction compares π_old with the sampler
-        if not needs_old and self.ref_model is None and not (self.config.algorithm.kl.coef > 0):
-            return
-        mine = rank_rows(batch.group_id, self.dist.world_size)[self.dist.rank].to(batch.input_ids.device)   # this rank's share
+        batch.old_logprobs = self._no_grad_logprobs(self.model, batch) if needs_old else None
+        batch.ref_logprobs = None
+        if self.ref_model is not None:
+            batch.ref_logprobs = self._no_grad_logprobs(self.ref_model, batch)
+        elif kl.coef > 0:   # LoRA: the reference is the base model, adapter off
+            batch.ref_logprobs = self._no_grad_logprobs(self.model, batch, adapter_off=True)
+
+    @torch.no_grad()
+    def _no_grad_logprobs(self, model: torch.nn.Module, batch: TrainBatch, adapter_off: bool = False) -> torch.Tensor:
+        """`model`'s log-probs of the batch's completions `[N, Tc]`: each rank computes its share of
+        rows in micro-batches, with the model's parameters gathered for this pass only; then all-gathered."""
+        mine = rank_rows(batch.group_id, self.dist.world_size)[self.dist.rank].to(batch.input_ids.device)
         micro = self.config.optimizer.micro_batch_size or max(int(mine.numel()), 1)
-        temp = self.config.rollout.temperature
-        width = batch.completion_mask.shape[1]
-        old, ref = [batch.completion_mask.new_zeros(0, width)], [batch.completion_mask.new_zeros(0, width)]
-        with dist.gathered_parameters(self.model, self.dist):
+        out = [batch.completion_mask.new_zeros(0, batch.completion_mask.shape[1])]
+        with dist.gathered_parameters(model, self.dist), (model.disable_adapter() if adapter_off else nullcontext()):
             for rows in (mine[r] for r in micro_batch_rows(batch.group_id[mine], micro, whole_groups=False)):
                 mb = batch.select(rows)
-                args = (mb.input_ids, mb.attention_mask, mb.completion_mask)
-                kwargs = dict(temperature=temp, layout=self.layout, group_id=mb.group_id)
-                if needs_old:
-                    old.append(completion_logprobs(self.model, *args, **kwargs)[0])
-                if self.ref_model is not None:
-                    ref.append(completion_logprobs(self.ref_model, *args, **kwargs)[0])
-                elif self.config.algorithm.kl.coef > 0:  # LoRA: the reference is the base model, adapter off
-                    with self.model.disable_adapter():
-                        ref.append(completion_logprobs(self.model, *args, **kwargs)[0])
-        batch.old_logprobs = dist.gather_rows(torch.cat(old), self.dist, self.device) if needs_old else None
-        batch.ref_logprobs = dist.gather_rows(torch.cat(ref), self.dist, self.device) if kl.coef > 0 else None
+                out.append(completion_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask,
+                                               temperature=self.config.rollout.temperature, layout=self.layout, group_id=mb.group_id)[0])
+        return dist.gather_rows(torch.cat(out), self.dist, self.device)
 
     def _rollout_correction(self, batch: TrainBatch, rollout: RolloutBatch, source: torch.Tensor) -> dict[str, float]:
         """Importance weights π_old(trainer) / π_sampler for the sampler–trainer mismatch (vLLM's
