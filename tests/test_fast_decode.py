@@ -23,6 +23,21 @@ def _llama(**overrides):
     return model
 
 
+def _qwen2(**overrides):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+               num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    cfg.update(overrides)
+    model = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
+    with torch.no_grad():   # Qwen2's q/k/v biases start at zero: give them values so that stacking them is checked
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    return model
+
+
 def _cache(model, rows: int, seed: int) -> SlotKVCache:
     cfg = model.config
     cache = SlotKVCache(cfg.num_hidden_layers, rows + 2, 32, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
@@ -40,10 +55,10 @@ needs_support = pytest.mark.skipif(not fast_decode_supported(_llama()), reason="
 
 
 @needs_support
-@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False},
-                                       {"num_key_value_heads": 6}])
-def test_step_equals_the_models_forward(overrides):
-    model = _llama(**overrides)
+@pytest.mark.parametrize("make, overrides", [(_llama, {}), (_llama, {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}),
+                                             (_llama, {"num_key_value_heads": 6}), (_qwen2, {}), (_qwen2, {"tie_word_embeddings": True})])
+def test_step_equals_the_models_forward(make, overrides):
+    model = make(**overrides)
     rows = 5
     tokens = torch.tensor([3, 50, 7, 96, 0])
     expected_cache, cache = _cache(model, rows, 1), _cache(model, rows, 1)
@@ -70,24 +85,27 @@ def test_fewer_rows_than_packed_for():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_supported_only_for_plain_float32_llama():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def test_supported_only_for_plain_float32_llama_and_qwen2():
+    from transformers import MistralConfig, MistralForCausalLM
 
     from groupwise.rollout.packed_linear import onednn_linear_available
 
     assert fast_decode_supported(_llama()) == onednn_linear_available()
+    assert fast_decode_supported(_qwen2()) == onednn_linear_available()
     assert not fast_decode_supported(_llama().double())
     assert not fast_decode_supported(_llama(hidden_act="gelu"))
-    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                        num_attention_heads=6, num_key_value_heads=2))
-    assert not fast_decode_supported(qwen)
+    assert not fast_decode_supported(_qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=0))
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                               num_attention_heads=6, num_key_value_heads=2, sliding_window=None))
+    assert not fast_decode_supported(mistral)   # Llama-like, but not a family this step was checked against
     lora = _llama()
     lora.model.layers[0].self_attn.q_proj = torch.nn.Sequential(lora.model.layers[0].self_attn.q_proj)   # a wrapped projection
     assert not fast_decode_supported(lora)
 
 
 @needs_support
-def test_engine_generates_the_same_completions_with_fast_decode():
+@pytest.mark.parametrize("architecture", ["builtin", "qwen2"])
+def test_engine_generates_the_same_completions_with_fast_decode(architecture):
     from groupwise.config import load_config
     from groupwise.data.sources import load_train_prompts
     from groupwise.model.loading import load_policy, load_tokenizer
@@ -95,6 +113,8 @@ def test_engine_generates_the_same_completions_with_fast_decode():
 
     cfg = load_config(None, [])
     model, tokenizer = load_policy(cfg.model, torch.device("cpu")).eval(), load_tokenizer(cfg.model)
+    if architecture == "qwen2":   # the built-in tokenizer over a random Qwen2 of its vocabulary
+        model = _qwen2(vocab_size=model.config.vocab_size, eos_token_id=model.config.eos_token_id)
     assert fast_decode_supported(model)
     prompts = load_train_prompts(cfg.data, 0)[:4]
     params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0)

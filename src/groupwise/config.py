@@ -90,7 +90,7 @@ class RolloutConfig(_Section):
     kv_cache_budget_mb: float | None = Field(None, gt=0.0, description="also bound the completions decoded at once by their KV cache (each reserves its prompt + max_new_tokens)")
     scheduling: Literal["continuous", "micro_group"] = Field("continuous", description="continuous: a finished completion's slot is refilled at once; micro_group: the next sequences start when all slots are free")
     packed_matmul: bool = Field(True, description="hf backend, float32 on the CPU: decode through weights prepacked once per round for oneDNN (groupwise.rollout.packed_linear): the same products to float32 rounding, 1.2–1.8× faster weight passes; false = plain F.linear")
-    fast_decode: bool = Field(True, description="hf backend, float32 on the CPU, a plain Llama model: decode steps with stacked q/k/v and gate/up products and about half the tensor operations per layer (groupwise.rollout.fast_decode); the same function to float32 rounding; false = the model's own forward")
+    fast_decode: bool = Field(True, description="hf backend, float32 on the CPU, a plain Llama or Qwen2 model: decode steps with stacked q/k/v and gate/up products and about half the tensor operations per layer (groupwise.rollout.fast_decode); the same function to float32 rounding; false = the model's own forward")
     length_order: Literal["none", "shortest_first", "longest_first", "longest_then_shortest"] = Field("longest_then_shortest", description="order of the pending queue by each prompt's predicted completion length (mean of its earlier completions); longest_then_shortest: initial fill longest first, refills shortest first (Infinite Sampling)")
 
 

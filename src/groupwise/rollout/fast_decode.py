@@ -1,4 +1,4 @@
-"""A decode step for Llama-architecture models on the CPU with fewer, larger operations.
+"""A decode step for Llama-architecture models (Llama, Qwen2) on the CPU with fewer, larger operations.
 
 One decode step multiplies a few dozen rows by every weight of the model; at that size the time
 not spent in matrix products goes to per-operation overhead (dispatch, allocation, Python): the
@@ -12,9 +12,10 @@ This step computes the same function with about 20 operations per layer:
   sin with its first half negated (so `roll(x, D/2)·sin± = rotate_half(x)·sin`);
 * attention is `slot_attention`'s decode path (writes the step's key/value into the slot cache).
 
-Used for float32 weights on the CPU when the decoder is exactly transformers' `LlamaModel` with
-plain `nn.Linear` projections (no adapters) and SiLU MLPs; otherwise the engine runs the model's
-own forward. Equal to that forward up to float32 rounding (the stacked products sum in another
+Used for float32 weights on the CPU when the decoder is exactly transformers' `LlamaModel` or
+`Qwen2Model` (Llama with q/k/v biases, which are stacked like the weights; no sliding-window
+layers) with plain `nn.Linear` projections (no adapters) and SiLU MLPs; otherwise the engine
+runs the model's own forward. Equal to that forward up to float32 rounding (the stacked products sum in another
 order): the tests compare the two.
 """
 from __future__ import annotations
@@ -26,30 +27,42 @@ from groupwise.rollout.packed_linear import onednn_linear_available, prepack_wei
 from groupwise.rollout.slot_cache import slot_attention
 
 
+def _families() -> dict[type, tuple[type, ...]]:
+    """Decoder class → (decoder layer, attention, MLP, RMSNorm) classes of the architectures this
+    step computes exactly: Llama, and Qwen2 (Llama with q/k/v biases; sliding-window layers refused)."""
+    from transformers.models.llama import modeling_llama as llama
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
+    return {
+        llama.LlamaModel: (llama.LlamaDecoderLayer, llama.LlamaAttention, llama.LlamaMLP, llama.LlamaRMSNorm),
+        qwen2.Qwen2Model: (qwen2.Qwen2DecoderLayer, qwen2.Qwen2Attention, qwen2.Qwen2MLP, qwen2.Qwen2RMSNorm),
+    }
+
+
 def fast_decode_supported(model: torch.nn.Module) -> bool:
-    """The conditions in the module doc: fp32 CPU weights, oneDNN, a plain Llama decoder."""
-    try:
-        from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel, LlamaRMSNorm
-    except ImportError:   # pragma: no cover - transformers always ships Llama
-        return False
+    """The conditions in the module doc: fp32 CPU weights, oneDNN, a plain Llama or Qwen2 decoder."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = getattr(base, "model", None), base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if type(decoder) is not LlamaModel or type(head) is not torch.nn.Linear or not onednn_linear_available():
+    family = _families().get(type(decoder))
+    if family is None or type(head) is not torch.nn.Linear or not onednn_linear_available():
         return False
+    layer_cls, attn_cls, mlp_cls, norm_cls = family
     params = list(base.parameters())
     if not params or any(type(p) is not torch.nn.Parameter or p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
         return False   # sharded (DTensor), not on the CPU, or not float32
     for layer in decoder.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if (type(layer) is not LlamaDecoderLayer or type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP
-                or type(layer.input_layernorm) is not LlamaRMSNorm or type(layer.post_attention_layernorm) is not LlamaRMSNorm):
+        if (type(layer) is not layer_cls or type(attn) is not attn_cls or type(mlp) is not mlp_cls
+                or type(layer.input_layernorm) is not norm_cls or type(layer.post_attention_layernorm) is not norm_cls):
+            return False
+        if getattr(attn, "sliding_window", None):
             return False
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if any(type(m) is not torch.nn.Linear for m in linears):
             return False
     if getattr(decoder.config, "hidden_act", None) not in ("silu", "swish"):
         return False
-    return type(decoder.norm) is LlamaRMSNorm
+    return type(decoder.norm) is norm_cls
 
 
 class _Packed:

@@ -112,7 +112,7 @@ class HFRolloutEngine:
     micro-group when all slots are empty); `length_order` sorts the pending queue by each
     prompt's predicted completion length (the mean of its earlier completions);
     `packed_matmul` decodes through oneDNN-prepacked weights (`rollout.packed_linear`) where available;
-    `fast_decode` runs the decode steps of a plain Llama model through `rollout.fast_decode` (fewer,
+    `fast_decode` runs the decode steps of a plain Llama or Qwen2 model through `rollout.fast_decode` (fewer,
     larger operations) where available.
     """
 
