@@ -313,3 +313,38 @@ def test_prompt_statistics_are_updated_logged_and_restored_on_resume(small_confi
     resumed = Trainer(small_config(run_dir=run, **{"schedule.steps": 3, "checkpoint.every": 2}), resume=True)
     for name, value in stats.state_dict().items():
         assert torch.equal(torch.nan_to_num(value, nan=-1.0), torch.nan_to_num(getattr(resumed.prompt_stats, name), nan=-1.0)), name
+
+
+def test_update_metrics_by_hand():
+    from groupwise.metrics import update_metrics
+
+    sums = {"tokens": 8.0, "tokens_before_token_masks": 10.0, "clip_low": 1.0, "clip_high": 3.0, "entropy": 4.0,
+            "policy_loss": 0.6}
+    out = update_metrics(sums, losses=[0.2, 0.4], grad_norms=[1.0, 3.0], lr=1e-6)
+    assert out == pytest.approx({"loss": 0.3, "policy_loss": 0.3, "grad_norm": 2.0, "clip_ratio/low": 0.125,
+                                 "clip_ratio/high": 0.375, "clip_ratio/region": 0.5, "entropy": 0.5, "lr": 1e-6,
+                                 "optimizer_steps": 2.0, "token_mask/kept_fraction": 0.8})
+    assert "kl" not in out and update_metrics({**sums, "kl": 2.0}, [0.0], [0.0], 0.0)["kl"] == 0.25
+    # no trained token: per-token figures are 0, not a division by zero
+    empty = update_metrics({}, [0.0], [0.0], 0.0)
+    assert empty["entropy"] == 0.0 and empty["token_mask/kept_fraction"] == 0.0
+
+
+def test_train_batch_of_a_rollout_keeps_sampling_logprobs_only_with_replayed_rows():
+    from groupwise.types import ROW_ON_POLICY, ROW_REPLAY, RolloutBatch, TrainBatch
+
+    def rollout(source):
+        return RolloutBatch(
+            prompts=[], prompt_ids=torch.tensor([[0, 5], [6, 7]]), prompt_mask=torch.tensor([[0, 1], [1, 1]]),
+            completion_ids=torch.tensor([[8, 9, 2], [3, 2, 0]]), completion_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+            sampling_logprobs=torch.full((2, 3), -0.5), group_id=torch.tensor([0, 0]), finished=torch.tensor([True, True]),
+            completions_text=["", ""], source=source)
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    batch = TrainBatch.of_rollout(rollout(torch.tensor([ROW_ON_POLICY, ROW_REPLAY])), mask, 3)
+    assert batch.input_ids.tolist() == [[0, 5, 8, 9, 2], [6, 7, 3, 2, 0]]
+    assert batch.attention_mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch.completion_mask is mask and batch.advantages.tolist() == [0.0, 0.0] and batch.max_completion_length == 3
+    assert batch.behaviour_logprobs is not None and batch.old_logprobs is None
+    assert TrainBatch.of_rollout(rollout(torch.tensor([ROW_ON_POLICY, ROW_ON_POLICY])), mask, 3).behaviour_logprobs is None
+    assert TrainBatch.of_rollout(rollout(None), mask, 3).behaviour_logprobs is None

@@ -133,6 +133,30 @@ def step_metrics(rollout, scores, rewards, advantages, accuracy_index: int, corr
     return m
 
 
+def update_metrics(sums: dict[str, float], losses: list[float], grad_norms: list[float], lr: float) -> dict[str, float]:
+    """A step's update figures from its per-token sums (over every micro-batch and rank) and its
+    optimizer steps' losses and gradient norms: clip fractions, entropy and KL are per trained
+    token, the policy loss and loss per optimizer step; the kept fraction is of the tokens before
+    token-level masks (80/20, D³S)."""
+    tokens = max(sums.get("tokens", 0.0), 1.0)
+    low, high = sums.get("clip_low", 0.0), sums.get("clip_high", 0.0)
+    out = {
+        "loss": sum(losses) / len(losses),
+        "policy_loss": sums.get("policy_loss", 0.0) / len(losses),
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "clip_ratio/low": low / tokens,
+        "clip_ratio/high": high / tokens,
+        "clip_ratio/region": (low + high) / tokens,
+        "entropy": sums.get("entropy", 0.0) / tokens,
+        "lr": lr,
+        "optimizer_steps": float(len(losses)),
+        "token_mask/kept_fraction": sums.get("tokens", 0.0) / max(sums.get("tokens_before_token_masks", 0.0), 1.0),
+    }
+    if "kl" in sums:
+        out["kl"] = sums["kl"] / tokens
+    return out
+
+
 def sample_records(rollout, scores, n: int) -> list[dict[str, Any]]:
     """The first n completions with their prompt, per-function rewards and finished flag."""
     out = []

@@ -43,7 +43,7 @@ from groupwise.errors import RunDirError
 from groupwise.guidance import GeneratedRound, Guidance
 from groupwise.evaluation import accuracy_index, correct_mask, evaluation_means, evaluation_sums, score_rollout
 from groupwise.memory_plan import check_memory_fits
-from groupwise.metrics import MetricsLogger, NullLogger, Progress, sample_records, step_metrics, truncate_jsonl_after_step
+from groupwise.metrics import MetricsLogger, NullLogger, Progress, sample_records, step_metrics, truncate_jsonl_after_step, update_metrics
 from groupwise.model.loading import load_policy, load_reference, load_tokenizer, resolve_device, resolve_model_path, trainable_parameters
 from groupwise.model.logprobs import completion_logprobs
 from groupwise.model.packing import unsupported_reason_for_path
@@ -254,7 +254,10 @@ class Trainer:
         row_keep = None
         if alg.gfpo.keep:  # GFPO: the estimator sees only the kept subset (others: NaN ⇒ left out, A = 0)
             row_keep = gfpo_keep(rewards, rollout.group_id, lengths, alg.gfpo.keep, alg.gfpo.metric)
-        batch = self._train_batch(rollout)
+        mask = rollout.completion_mask.float()
+        if alg.mask_truncated_completions:
+            mask = mask_truncated_completions(mask, rollout.finished)
+        batch = TrainBatch.of_rollout(rollout, mask, cfg.rollout.max_new_tokens)
         self._behaviour_and_reference_logprobs(batch)
         correction_metrics = self._rollout_correction(batch, rollout, source)
         scored = rewards                          # what the advantage estimator reads
@@ -413,25 +416,6 @@ class Trainer:
             times["scoring"] += time.perf_counter() - t1
         return GeneratedRound(scored, correct_mask(scored.scores, self.accuracy_index, cfg.rewards.correct_threshold))
 
-    def _train_batch(self, rollout: RolloutBatch) -> TrainBatch:
-        """The update's inputs; advantages are filled in once the estimator has run."""
-        mask = rollout.completion_mask.float()
-        if self.config.algorithm.mask_truncated_completions:
-            mask = mask_truncated_completions(mask, rollout.finished)
-        return TrainBatch(
-            input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], 1),
-            attention_mask=torch.cat([rollout.prompt_mask, rollout.completion_mask], 1),
-            completion_mask=mask,
-            advantages=torch.zeros(mask.shape[0], device=mask.device),
-            old_logprobs=None,
-            ref_logprobs=None,
-            max_completion_length=self.config.rollout.max_new_tokens,
-            group_id=rollout.group_id,
-            source=rollout.source,
-            # replayed rows are trained against the policy that sampled them (RePO)
-            behaviour_logprobs=rollout.sampling_logprobs if rollout.source is not None and bool((rollout.source == ROW_REPLAY).any()) else None,
-        )
-
     def _behaviour_and_reference_logprobs(self, batch: TrainBatch) -> None:
         """π_old is needed only when the policy moves before the last use of the batch (μ > 1 or
         several mini-batches); otherwise the detached current log-probs serve (ratio ≡ 1), as in TRL."""
@@ -529,22 +513,7 @@ class Trainer:
             reduced = dist.all_reduce_sums({**sums, **{f"__loss{i}": v for i, v in enumerate(losses)}}, self.dist, self.device)
             losses = [reduced.pop(f"__loss{i}") for i in range(len(losses))]
             sums = defaultdict(float, reduced)
-        tokens = max(sums["tokens"], 1.0)
-        out = {
-            "loss": float(np.mean(losses)),
-            "policy_loss": sums["policy_loss"] / len(losses),
-            "grad_norm": float(np.mean(grad_norms)),
-            "clip_ratio/low": sums["clip_low"] / tokens,
-            "clip_ratio/high": sums["clip_high"] / tokens,
-            "clip_ratio/region": (sums["clip_low"] + sums["clip_high"]) / tokens,
-            "entropy": sums["entropy"] / tokens,
-            "lr": float(self.scheduler.get_last_lr()[0]),
-            "optimizer_steps": float(len(losses)),
-            "token_mask/kept_fraction": sums["tokens"] / max(sums["tokens_before_token_masks"], 1.0),
-        }
-        if "kl" in sums:
-            out["kl"] = sums["kl"] / tokens
-        return out
+        return update_metrics(sums, losses, grad_norms, float(self.scheduler.get_last_lr()[0]))
 
 
 def train(config: Config | dict | str | Path | None = None, *, resume: bool = False) -> TrainResult:

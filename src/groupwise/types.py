@@ -197,6 +197,25 @@ class TrainBatch:
     behaviour_logprobs: torch.Tensor | None = None   # [N, Tc] stored sampling log-probs (replayed rows' π_old)
     is_weights: torch.Tensor | None = None           # [N, Tc] π_old(trainer) / π_sampler correction (vLLM), detached
 
+    @classmethod
+    def of_rollout(cls, rollout: "RolloutBatch", completion_mask: torch.Tensor, max_completion_length: int) -> "TrainBatch":
+        """The update's inputs for a rollout, trained where `completion_mask` is 1; advantages
+        are zeros until the estimator has run. Replayed rows (RePO) keep their sampling
+        log-probs: they are trained against the policy that sampled them."""
+        replayed = rollout.source is not None and bool((rollout.source == ROW_REPLAY).any())
+        return cls(
+            input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], 1),
+            attention_mask=torch.cat([rollout.prompt_mask, rollout.completion_mask], 1),
+            completion_mask=completion_mask,
+            advantages=torch.zeros(completion_mask.shape[0], device=completion_mask.device),
+            old_logprobs=None,
+            ref_logprobs=None,
+            max_completion_length=max_completion_length,
+            group_id=rollout.group_id,
+            source=rollout.source,
+            behaviour_logprobs=rollout.sampling_logprobs if replayed else None,
+        )
+
     @property
     def num_rows(self) -> int:
         return int(self.input_ids.shape[0])
