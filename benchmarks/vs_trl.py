@@ -66,7 +66,8 @@ class PeakRSS:
     On Linux the kernel's own high-water mark: `VmHWM` of /proc/self/status, reset to the current
     RSS on entry by writing 5 to /proc/self/clear_refs. Exact, and nothing runs during the block.
     (A sampling thread, the fallback elsewhere, wakes every 20 ms on a 2-core machine whose two
-    cores run the step's OpenMP threads; it slowed a groupwise step from ~16.9 to ~19.6 s here.)"""
+    cores run the step's OpenMP threads: `--model smollm2 --only groupwise --steps 4` measured
+    20.10 s median per step with it, 17.03 s without.)"""
 
     _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 

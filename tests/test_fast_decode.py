@@ -8,14 +8,12 @@ from groupwise.rollout.fast_decode import LlamaFastDecoder, fast_decode_supporte
 from groupwise.rollout.slot_cache import SlotKVCache, slot_forward
 
 
-def _llama(**overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _random_model(config_class, model_class, **overrides):
     torch.manual_seed(0)
     cfg = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
-               num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+               num_key_value_heads=2, max_position_embeddings=128)
     cfg.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    model = model_class(config_class(**cfg)).eval()
     with torch.no_grad():   # biases start at zero: give them values so that stacking them is checked
         for m in model.modules():
             if isinstance(m, torch.nn.Linear) and m.bias is not None:
@@ -23,19 +21,16 @@ def _llama(**overrides):
     return model
 
 
-def _qwen2(**overrides):
+def _llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _random_model(LlamaConfig, LlamaForCausalLM, **{"tie_word_embeddings": True, **overrides})
+
+
+def _qwen2(**overrides):   # Qwen2: Llama with q/k/v biases
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
-               num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
-    cfg.update(overrides)
-    model = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
-    with torch.no_grad():   # Qwen2's q/k/v biases start at zero: give them values so that stacking them is checked
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and m.bias is not None:
-                m.bias.normal_(0, 0.5)
-    return model
+    return _random_model(Qwen2Config, Qwen2ForCausalLM, **{"tie_word_embeddings": False, **overrides})
 
 
 def _cache(model, rows: int, seed: int) -> SlotKVCache:

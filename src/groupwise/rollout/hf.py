@@ -65,9 +65,10 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor, block: int =
     if blocks_n * block != v:
         probs = F.pad(probs, (0, blocks_n * block - v))
     blocks = probs.view(n, blocks_n, block)
-    cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)                     # [N, blocks]
+    mass = blocks.sum(-1, dtype=torch.float64)                               # [N, blocks]
+    cdf = mass.cumsum(-1)
     target = uniforms.to(device=probs.device, dtype=torch.float64).view(-1, 1) * cdf[:, -1:]
-    b = torch.minimum(torch.searchsorted(cdf, target, right=True), _last_nonzero(cdf.diff(dim=-1, prepend=cdf.new_zeros(n, 1))))
+    b = torch.minimum(torch.searchsorted(cdf, target, right=True), _last_nonzero(mass))
     before = torch.where(b > 0, cdf.gather(-1, (b - 1).clamp(min=0)), torch.zeros_like(target))
     inside = blocks.gather(1, b.view(n, 1, 1).expand(n, 1, block)).view(n, block)
     i = torch.minimum(torch.searchsorted(inside.double().cumsum(-1), target - before, right=True), _last_nonzero(inside))
